@@ -1,0 +1,366 @@
+//! Batched generation: many sequences advance together, one forward step at a time.
+//!
+//! Each step packs one token for every decoding sequence plus prompt chunks of the sequences
+//! still prefilling, up to a token budget, so long prompts are prefilled in chunks beside
+//! running decodes instead of stalling them. Logits come back only for the rows that need
+//! them: the last prompt row and decode rows (to sample), and every prompt row when prompt
+//! log-probabilities were asked for.
+
+use myriad_kernels::{Backend, SeqSpan};
+
+use crate::error::EngineError;
+use crate::forward::Model;
+use crate::rng::Rng;
+use crate::sampling::{SamplingParams, TokenLogprob, log_softmax, sample, top_logprobs};
+use crate::state::SequenceState;
+
+/// Limits of one engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Most tokens in one forward step (bounds activation memory and step latency).
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once; further requests wait.
+    pub max_seqs: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch_tokens: 2048,
+            max_seqs: 256,
+        }
+    }
+}
+
+/// One generation request.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    /// Tokens to generate at most (0: prompt only, e.g. for prompt log-probabilities).
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Keep going through end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Extra token ids that end the sequence (kept in the output, as vLLM does).
+    pub stop_token_ids: Vec<u32>,
+    /// Report log-probabilities with this many top alternatives per position.
+    pub logprobs: Option<usize>,
+    /// Also report log-probabilities of the prompt tokens.
+    pub echo: bool,
+}
+
+impl Request {
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Request {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            ignore_eos: false,
+            stop_token_ids: Vec::new(),
+            logprobs: None,
+            echo: false,
+        }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence or stop token.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// The log-probability of the token at one position and the most likely alternatives there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PositionLogprobs {
+    pub token_id: u32,
+    pub logprob: f32,
+    pub top: Vec<TokenLogprob>,
+}
+
+/// The result of one request.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub prompt_token_ids: Vec<u32>,
+    pub token_ids: Vec<u32>,
+    /// One entry per reported position (prompt positions first with `echo`; the first prompt
+    /// position has none), when log-probabilities were asked for.
+    pub logprobs: Option<Vec<Option<PositionLogprobs>>>,
+    pub finish_reason: FinishReason,
+}
+
+/// Runs requests to completion on a model.
+pub struct Engine<B: Backend> {
+    model: Model<B>,
+    config: EngineConfig,
+    eos: Vec<u32>,
+}
+
+struct Active<B: Backend> {
+    index: usize,
+    state: SequenceState<B>,
+    rng: Rng,
+    prefilled: usize,
+    out: Completion,
+    done: bool,
+}
+
+/// What a row of logits is for.
+enum RowUse {
+    /// Predicts prompt token `i` (log-probability only).
+    Prompt(usize, usize),
+    /// Predicts the next generated token.
+    Next(usize),
+}
+
+impl<B: Backend> Engine<B> {
+    /// `eos` are the ids that end a sequence unless a request ignores them.
+    pub fn new(model: Model<B>, config: EngineConfig, eos: Vec<u32>) -> Self {
+        Engine { model, config, eos }
+    }
+
+    pub fn model(&self) -> &Model<B> {
+        &self.model
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Checks a request before any work; the message names the problem.
+    pub fn validate(&self, r: &Request) -> Result<(), String> {
+        let c = self.model.config();
+        if r.prompt.is_empty() {
+            return Err("the prompt is empty".into());
+        }
+        if let Some((i, t)) = r
+            .prompt
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t as usize >= c.vocab_size)
+        {
+            return Err(format!(
+                "prompt token {i} has id {t}, outside the vocabulary of {}",
+                c.vocab_size
+            ));
+        }
+        if r.prompt.len() > c.max_position_embeddings {
+            return Err(format!(
+                "the prompt has {} tokens, more than the model's context of {}",
+                r.prompt.len(),
+                c.max_position_embeddings
+            ));
+        }
+        if let Some(k) = r.logprobs
+            && k > c.vocab_size
+        {
+            return Err(format!(
+                "logprobs {k} exceeds the vocabulary of {}",
+                c.vocab_size
+            ));
+        }
+        r.sampling.validate()
+    }
+
+    /// Generates for every request; results are in request order.
+    pub fn generate(&self, requests: &[Request]) -> Result<Vec<Completion>, EngineError> {
+        for (index, r) in requests.iter().enumerate() {
+            self.validate(r)
+                .map_err(|message| EngineError::BadRequest { index, message })?;
+        }
+        let mut results: Vec<Option<Completion>> = vec![None; requests.len()];
+        let mut waiting: std::collections::VecDeque<usize> = (0..requests.len()).collect();
+        let mut active: Vec<Active<B>> = Vec::new();
+        while !waiting.is_empty() || !active.is_empty() {
+            while active.len() < self.config.max_seqs.max(1) {
+                let Some(i) = waiting.pop_front() else { break };
+                active.push(self.start(i, &requests[i]));
+            }
+            self.step(requests, &mut active)?;
+            for a in active.iter_mut().filter(|a| a.done) {
+                results[a.index] = Some(std::mem::replace(&mut a.out, empty_completion()));
+            }
+            active.retain(|a| !a.done);
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(empty_completion))
+            .collect())
+    }
+
+    fn start(&self, index: usize, r: &Request) -> Active<B> {
+        let logprobs = r
+            .logprobs
+            .map(|_| if r.echo { vec![None] } else { Vec::new() });
+        let done = r.max_tokens == 0 && !(r.echo && r.logprobs.is_some());
+        Active {
+            index,
+            state: self.model.new_sequence(),
+            rng: Rng::new(r.sampling.seed.unwrap_or_else(Rng::entropy_seed)),
+            prefilled: 0,
+            out: Completion {
+                prompt_token_ids: r.prompt.clone(),
+                token_ids: Vec::new(),
+                logprobs,
+                finish_reason: FinishReason::Length,
+            },
+            done,
+        }
+    }
+
+    /// One forward step over every unfinished sequence.
+    fn step(&self, requests: &[Request], active: &mut [Active<B>]) -> Result<(), EngineError> {
+        let mut budget = self.config.max_batch_tokens.max(1);
+        let mut tokens = Vec::new();
+        let mut spans = Vec::new();
+        let mut members = Vec::new();
+        let mut rows = Vec::new();
+        let mut uses = Vec::new();
+        // Decoding sequences first: each costs one token and must not wait behind prefills.
+        let order: Vec<usize> = {
+            let (dec, pre): (Vec<usize>, Vec<usize>) = (0..active.len())
+                .filter(|&i| !active[i].done)
+                .partition(|&i| active[i].prefilled == requests[active[i].index].prompt.len());
+            dec.into_iter().chain(pre).collect()
+        };
+        for ai in order {
+            if budget == 0 {
+                break;
+            }
+            let a = &active[ai];
+            let r = &requests[a.index];
+            let start = tokens.len();
+            let past = a.state.len();
+            if a.prefilled == r.prompt.len() {
+                let Some(&last) = a.out.token_ids.last() else {
+                    continue;
+                };
+                tokens.push(last);
+                rows.push(start);
+                uses.push(RowUse::Next(members.len()));
+            } else {
+                let take = (r.prompt.len() - a.prefilled).min(budget);
+                let chunk = &r.prompt[a.prefilled..a.prefilled + take];
+                tokens.extend_from_slice(chunk);
+                let want_prompt_lp = r.echo && r.logprobs.is_some();
+                for j in 0..take {
+                    let pos = a.prefilled + j;
+                    if pos + 1 < r.prompt.len() {
+                        if want_prompt_lp {
+                            rows.push(start + j);
+                            uses.push(RowUse::Prompt(members.len(), pos + 1));
+                        }
+                    } else if r.max_tokens > 0 {
+                        rows.push(start + j);
+                        uses.push(RowUse::Next(members.len()));
+                    }
+                }
+            }
+            let len = tokens.len() - start;
+            budget -= len;
+            spans.push(SeqSpan { start, len, past });
+            members.push(ai);
+        }
+        if members.is_empty() {
+            return Ok(());
+        }
+        let logits = {
+            let mut member_of = vec![None; active.len()];
+            for (m, &ai) in members.iter().enumerate() {
+                member_of[ai] = Some(m);
+            }
+            let mut slots: Vec<Option<&mut SequenceState<B>>> =
+                (0..members.len()).map(|_| None).collect();
+            for (a, m) in active.iter_mut().zip(&member_of) {
+                if let Some(m) = m {
+                    slots[*m] = Some(&mut a.state);
+                }
+            }
+            let mut seqs: Vec<&mut SequenceState<B>> = slots.into_iter().flatten().collect();
+            self.model
+                .forward(&tokens, &spans, &mut seqs, &rows, None)?
+        };
+        let vocab = self.model.config().vocab_size;
+        for (m, &ai) in members.iter().enumerate() {
+            let span = spans[m];
+            let a = &mut active[ai];
+            let r = &requests[a.index];
+            if a.prefilled < r.prompt.len() {
+                a.prefilled += span.len;
+            }
+        }
+        for (row_logits, u) in logits.chunks_exact(vocab).zip(uses) {
+            match u {
+                RowUse::Prompt(m, i) => {
+                    let a = &mut active[members[m]];
+                    let r = &requests[a.index];
+                    let lp = log_softmax(row_logits);
+                    let tok = r.prompt[i];
+                    if let Some(v) = a.out.logprobs.as_mut() {
+                        v.push(Some(PositionLogprobs {
+                            token_id: tok,
+                            logprob: lp[tok as usize],
+                            top: top_logprobs(&lp, r.logprobs.unwrap_or(0)),
+                        }));
+                    }
+                }
+                RowUse::Next(m) => {
+                    let a = &mut active[members[m]];
+                    self.accept(&requests[a.index], a, row_logits);
+                }
+            }
+        }
+        for &ai in &members {
+            let a = &mut active[ai];
+            let r = &requests[a.index];
+            if a.prefilled == r.prompt.len() && r.max_tokens == 0 {
+                a.done = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples the next token of `a` from `logits` and applies the stop rules.
+    fn accept(&self, r: &Request, a: &mut Active<B>, logits: &[f32]) {
+        let tok = sample(logits, &r.sampling, &mut a.rng);
+        if let (Some(k), Some(v)) = (r.logprobs, a.out.logprobs.as_mut()) {
+            let lp = log_softmax(logits);
+            v.push(Some(PositionLogprobs {
+                token_id: tok,
+                logprob: lp[tok as usize],
+                top: top_logprobs(&lp, k),
+            }));
+        }
+        a.out.token_ids.push(tok);
+        let ctx = self.model.config().max_position_embeddings;
+        if (!r.ignore_eos && self.eos.contains(&tok)) || r.stop_token_ids.contains(&tok) {
+            a.out.finish_reason = FinishReason::Stop;
+            a.done = true;
+        } else if a.out.token_ids.len() >= r.max_tokens
+            || r.prompt.len() + a.out.token_ids.len() >= ctx
+        {
+            a.out.finish_reason = FinishReason::Length;
+            a.done = true;
+        }
+    }
+}
+
+fn empty_completion() -> Completion {
+    Completion {
+        prompt_token_ids: Vec::new(),
+        token_ids: Vec::new(),
+        logprobs: None,
+        finish_reason: FinishReason::Length,
+    }
+}

@@ -1,0 +1,296 @@
+//! The model: one forward step over a packed batch of sequences (spec §2.1).
+//!
+//! A step takes the new tokens of several sequences packed one after another (prefill chunks
+//! and single decode tokens mixed freely), runs every layer over all of them at once (dense
+//! matmuls see the whole batch; each mixer reads and advances its own sequence's state), and
+//! returns the logits of the rows asked for. Routed experts are reached only through the
+//! [`ExpertExecutor`]; the router gate, the shared expert and the combine stay here.
+
+use std::sync::Arc;
+
+use myriad_kernels::{Backend, SeqSpan};
+use myriad_model::checkpoint::Checkpoint;
+use myriad_model::config::{LayerKind, ModelConfig};
+use myriad_model::moe::ExpertExecutor;
+
+use crate::error::EngineError;
+use crate::state::{LayerState, SequenceState};
+use crate::trace::Trace;
+use crate::weights::{DenseWeights, MixerWeights, attention_dims, deltanet_dims};
+
+/// The attention side of a model plus a way to reach its routed experts.
+pub struct Model<B: Backend> {
+    config: ModelConfig,
+    backend: Arc<B>,
+    weights: DenseWeights<B>,
+    experts: Arc<dyn ExpertExecutor<B>>,
+}
+
+impl<B: Backend> Model<B> {
+    pub fn new(
+        config: ModelConfig,
+        backend: Arc<B>,
+        weights: DenseWeights<B>,
+        experts: Arc<dyn ExpertExecutor<B>>,
+    ) -> Self {
+        Model {
+            config,
+            backend,
+            weights,
+            experts,
+        }
+    }
+
+    /// Loads the dense weights of `ckpt`; routed experts run on `experts`.
+    pub fn load(
+        config: ModelConfig,
+        backend: Arc<B>,
+        ckpt: &Checkpoint,
+        experts: Arc<dyn ExpertExecutor<B>>,
+    ) -> Result<Self, EngineError> {
+        let weights = DenseWeights::load(&*backend, &config, ckpt)?;
+        Ok(Model::new(config, backend, weights, experts))
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    pub fn weights(&self) -> &DenseWeights<B> {
+        &self.weights
+    }
+
+    /// A fresh, empty sequence.
+    pub fn new_sequence(&self) -> SequenceState<B> {
+        let b = &*self.backend;
+        let layers = self
+            .config
+            .layer_kinds
+            .iter()
+            .map(|k| match k {
+                LayerKind::LinearAttention => {
+                    LayerState::DeltaNet(b.new_delta_state(&deltanet_dims(&self.config)))
+                }
+                LayerKind::FullAttention => {
+                    LayerState::Attention(b.new_kv_cache(&attention_dims(&self.config)))
+                }
+            })
+            .collect();
+        SequenceState { layers, len: 0 }
+    }
+
+    /// Runs one step. `seqs[i]` receives `tokens[spans[i].start .. +spans[i].len]`, which must
+    /// continue it (`spans[i].past == seqs[i].len()`); spans must tile `tokens` in order.
+    /// Returns host logits `[logit_rows.len(), vocab]` for the requested rows of the batch.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        spans: &[SeqSpan],
+        seqs: &mut [&mut SequenceState<B>],
+        logit_rows: &[usize],
+        mut trace: Option<&mut dyn Trace>,
+    ) -> Result<Vec<f32>, EngineError> {
+        self.check_batch(tokens, spans, seqs, logit_rows)?;
+        let b = &*self.backend;
+        let c = &self.config;
+        let (n, h) = (tokens.len(), c.hidden_size);
+        let eps = c.rms_norm_eps as f32;
+        let w = &self.weights;
+
+        let mut x = b.zeros(n, h);
+        b.embed(&w.embed, tokens, &mut x)?;
+        if let Some(t) = tensors(&mut trace) {
+            t.embeddings(&b.download(&x));
+        }
+        let mut u = b.zeros(n, h);
+        b.rms_norm(&x, &w.layers[0].input_norm, eps, &mut u);
+
+        for (l, lw) in w.layers.iter().enumerate() {
+            // Mixer.
+            let mut mixed = b.zeros(n, h);
+            match &lw.mixer {
+                MixerWeights::DeltaNet {
+                    in_proj,
+                    params,
+                    out_proj,
+                } => {
+                    let mut proj = b.zeros(n, params.dims.proj_dim());
+                    b.matmul(&u, in_proj, &mut proj);
+                    let mut states: Vec<&mut B::DeltaState> = seqs
+                        .iter_mut()
+                        .map(|s| match &mut s.layers[l] {
+                            LayerState::DeltaNet(d) => Ok(d),
+                            LayerState::Attention(_) => Err(EngineError::Batch(format!(
+                                "layer {l} state is not DeltaNet"
+                            ))),
+                        })
+                        .collect::<Result<_, _>>()?;
+                    let mut y = b.zeros(n, params.dims.value_dim());
+                    b.gated_deltanet(params, &proj, spans, &mut states, &mut y);
+                    b.matmul(&y, out_proj, &mut mixed);
+                }
+                MixerWeights::Attention {
+                    in_proj,
+                    params,
+                    out_proj,
+                } => {
+                    let mut proj = b.zeros(n, params.dims.proj_dim());
+                    b.matmul(&u, in_proj, &mut proj);
+                    let mut caches: Vec<&mut B::KvCache> = seqs
+                        .iter_mut()
+                        .map(|s| match &mut s.layers[l] {
+                            LayerState::Attention(kv) => Ok(kv),
+                            LayerState::DeltaNet(_) => Err(EngineError::Batch(format!(
+                                "layer {l} state is not attention"
+                            ))),
+                        })
+                        .collect::<Result<_, _>>()?;
+                    let mut y = b.zeros(n, params.dims.out_dim());
+                    b.gated_attention(params, &proj, spans, &mut caches, &mut y);
+                    b.matmul(&y, out_proj, &mut mixed);
+                }
+            }
+            if let Some(t) = tensors(&mut trace) {
+                t.mixer_out(l, &b.download(&mixed));
+            }
+            // x' = x + mixer; v = norm(x').
+            let mut v = b.zeros(n, h);
+            b.add_rms_norm(&mut x, &mixed, &lw.post_norm, eps, &mut v);
+
+            // MoE: route, routed experts (possibly remote), shared expert, combine.
+            let mut logits = b.zeros(n, c.num_experts);
+            b.matmul(&v, &lw.router, &mut logits);
+            let routes = b.route(&logits, c.num_experts_per_tok, c.norm_topk_prob);
+            if let Some(t) = trace.as_deref_mut() {
+                t.routes(l, &routes);
+            }
+            if let Some(t) = tensors(&mut trace) {
+                t.router_logits(l, &b.download(&logits));
+            }
+            let mut moe = b.zeros(n, h);
+            self.experts.run(l, &v, &routes, &mut moe)?;
+            let is = c.shared_expert_intermediate_size;
+            let mut sgu = b.zeros(n, 2 * is + 1);
+            b.matmul(&v, &lw.shared_gate_up, &mut sgu);
+            let mut act = b.zeros(n, is);
+            b.swiglu(&sgu, &mut act);
+            let mut shared = b.zeros(n, h);
+            b.matmul(&act, &lw.shared_down, &mut shared);
+            b.add_sigmoid_gated(&mut moe, &shared, &sgu, 2 * is);
+            if let Some(t) = tensors(&mut trace) {
+                let g = b.download(&sgu);
+                let gates: Vec<f32> = g
+                    .chunks_exact(2 * is + 1)
+                    .map(|r| 1.0 / (1.0 + (-r[2 * is]).exp()))
+                    .collect();
+                t.shared_expert_gate(l, &gates);
+                t.moe_out(l, &b.download(&moe));
+            }
+            // Residual; the next layer's input norm is fused into the add.
+            if let Some(next) = w.layers.get(l + 1) {
+                b.add_rms_norm(&mut x, &moe, &next.input_norm, eps, &mut u);
+            } else {
+                b.add(&mut x, &moe);
+            }
+            if let Some(t) = tensors(&mut trace) {
+                t.layer_output(l, &b.download(&x));
+            }
+        }
+        for (s, seq) in spans.iter().zip(seqs.iter_mut()) {
+            seq.len += s.len;
+        }
+        if logit_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sel = b.gather_rows(&x, logit_rows);
+        let mut normed = b.zeros(logit_rows.len(), h);
+        b.rms_norm(&sel, &w.final_norm, eps, &mut normed);
+        if let Some(t) = tensors(&mut trace) {
+            t.final_norm(&b.download(&normed));
+        }
+        let mut logits = b.zeros(logit_rows.len(), c.vocab_size);
+        b.matmul(&normed, &w.lm_head, &mut logits);
+        Ok(b.download(&logits))
+    }
+
+    /// Total bytes of dense weights one decode step reads for `rows` tokens (every dense
+    /// matrix once, one embedding row per token).
+    pub fn dense_bytes_per_step(&self, rows: usize) -> usize {
+        let b = &*self.backend;
+        let (vocab, _) = b.matrix_shape(&self.weights.embed);
+        let row = b.matrix_bytes(&self.weights.embed) / vocab.max(1);
+        self.weights.bytes_per_token(b) - row + rows * row
+    }
+
+    fn check_batch(
+        &self,
+        tokens: &[u32],
+        spans: &[SeqSpan],
+        seqs: &[&mut SequenceState<B>],
+        logit_rows: &[usize],
+    ) -> Result<(), EngineError> {
+        if spans.len() != seqs.len() {
+            return Err(EngineError::Batch(format!(
+                "{} spans for {} sequences",
+                spans.len(),
+                seqs.len()
+            )));
+        }
+        let mut next = 0;
+        for (i, (s, q)) in spans.iter().zip(seqs).enumerate() {
+            if s.start != next || s.len == 0 {
+                return Err(EngineError::Batch(format!(
+                    "span {i} does not continue the packed batch"
+                )));
+            }
+            if s.past != q.len {
+                return Err(EngineError::Batch(format!(
+                    "span {i} starts at {} but its sequence holds {} tokens",
+                    s.past, q.len
+                )));
+            }
+            if s.past + s.len > self.config.max_position_embeddings {
+                return Err(EngineError::Batch(format!(
+                    "sequence {i} would reach {} tokens, beyond the context of {}",
+                    s.past + s.len,
+                    self.config.max_position_embeddings
+                )));
+            }
+            next += s.len;
+        }
+        if next != tokens.len() {
+            return Err(EngineError::Batch(format!(
+                "spans cover {next} rows of {}",
+                tokens.len()
+            )));
+        }
+        if let Some(&r) = logit_rows.iter().find(|&&r| r >= tokens.len()) {
+            return Err(EngineError::Batch(format!(
+                "logit row {r} outside the batch of {}",
+                tokens.len()
+            )));
+        }
+        if let Some(&t) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(EngineError::Batch(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The trace, if it wants tensor copies.
+fn tensors<'a>(trace: &'a mut Option<&mut dyn Trace>) -> Option<&'a mut dyn Trace> {
+    match trace.as_deref_mut() {
+        Some(t) if t.wants_tensors() => Some(t),
+        _ => None,
+    }
+}

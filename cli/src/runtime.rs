@@ -1,0 +1,41 @@
+//! Flags shared by every subcommand that runs the model on this machine.
+
+use clap::Args;
+use myriad_attention::EngineConfig;
+use myriad_kernels::cpu::Isa;
+
+use crate::local::LocalOptions;
+
+#[derive(Args, Clone, Debug)]
+pub struct RuntimeArgs {
+    /// Worker threads for the CPU kernels (0: one per core).
+    #[arg(long, default_value_t = 0, env = "MYRIAD_THREADS")]
+    pub threads: usize,
+    /// Restrict kernels to an instruction set: avx512, avx2 or portable (default: the best).
+    #[arg(long, value_parser = parse_isa)]
+    pub isa: Option<Isa>,
+    /// Most tokens in one forward step; longer prompts are prefilled in chunks of this size.
+    #[arg(long, default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_seqs: usize,
+}
+
+fn parse_isa(s: &str) -> Result<Isa, String> {
+    Isa::parse(s)
+        .ok_or_else(|| format!("unknown instruction set {s:?}: use avx512, avx2 or portable"))
+}
+
+impl RuntimeArgs {
+    pub fn options(&self) -> LocalOptions {
+        LocalOptions {
+            threads: self.threads,
+            isa: self.isa,
+            engine: EngineConfig {
+                max_batch_tokens: self.max_batch_tokens.max(1),
+                max_seqs: self.max_seqs.max(1),
+            },
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The expert role: holds a shard of the routed experts of every MoE layer and runs them.
+//!
+//! An expert node keeps no per-sequence state: it receives hidden vectors with the experts and
+//! weights each needs, runs grouped SwiGLU matmuls, and returns each row's weighted sum. The
+//! same [`ExpertShard`] is the in-process executor of the single-process engine.
+
+pub mod expert_set;
+pub mod shard;
+
+pub use expert_set::{ExpertSet, ExpertSetError};
+pub use shard::{ExpertShard, ShardError};
