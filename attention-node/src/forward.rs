@@ -92,9 +92,21 @@ impl<B: Backend> Model<B> {
         spans: &[SeqSpan],
         seqs: &mut [&mut SequenceState<B>],
         logit_rows: &[usize],
-        mut trace: Option<&mut dyn Trace>,
+        trace: Option<&mut dyn Trace>,
     ) -> Result<Vec<f32>, EngineError> {
         self.check_batch(tokens, spans, seqs, logit_rows)?;
+        self.backend
+            .run_step(|| self.step(tokens, spans, seqs, logit_rows, trace))
+    }
+
+    fn step(
+        &self,
+        tokens: &[u32],
+        spans: &[SeqSpan],
+        seqs: &mut [&mut SequenceState<B>],
+        logit_rows: &[usize],
+        mut trace: Option<&mut dyn Trace>,
+    ) -> Result<Vec<f32>, EngineError> {
         let b = &*self.backend;
         let c = &self.config;
         let (n, h) = (tokens.len(), c.hidden_size);

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use myriad_attention::{Engine, EngineConfig, Model};
 use myriad_expert::{ExpertSet, ExpertShard};
-use myriad_kernels::cpu::{CpuBackend, Isa};
+use myriad_kernels::cpu::{CpuBackend, Isa, Precision};
 use myriad_model::{Checkpoint, GenerationConfig, ModelConfig};
 
 /// How to run the local engine.
@@ -19,6 +19,8 @@ pub struct LocalOptions {
     pub threads: usize,
     /// Restrict kernels to this instruction set (None: the best available).
     pub isa: Option<Isa>,
+    /// Rounding of weight-matmul inputs.
+    pub precision: Precision,
     pub engine: EngineConfig,
 }
 
@@ -39,10 +41,13 @@ pub fn load(dir: &Path, opts: &LocalOptions) -> Result<LocalEngine> {
     let generation = GenerationConfig::from_dir(dir, &config)?;
     let ckpt = Checkpoint::open(dir, &config)
         .with_context(|| format!("opening the checkpoint in {}", dir.display()))?;
-    let backend = Arc::new(match opts.isa {
-        Some(isa) => CpuBackend::with_isa(opts.threads, isa),
-        None => CpuBackend::new(opts.threads),
-    });
+    let backend = Arc::new(
+        match opts.isa {
+            Some(isa) => CpuBackend::with_isa(opts.threads, isa),
+            None => CpuBackend::new(opts.threads),
+        }
+        .with_precision(opts.precision),
+    );
     let set = ExpertSet::all(config.num_experts);
     let experts = Arc::new(
         ExpertShard::load(backend.clone(), &config, &ckpt, &set)

@@ -135,8 +135,9 @@ impl Lexicon {
                 words.push(word);
             }
         }
-        // Short words are the common ones, as in natural languages.
-        words.sort_by_key(|w| w.chars().count());
+        // Short words are the common ones, as in natural languages; the few non-Latin words
+        // go to the rare end, so the prose reads as mostly one language.
+        words.sort_by_key(|w| (!w.is_ascii(), w.chars().count()));
         let mut total = 0.0;
         let cumulative = (0..words.len())
             .map(|rank| {
@@ -212,8 +213,15 @@ struct Generator<'a> {
 }
 
 impl Generator<'_> {
-    fn word(&mut self) -> &str {
-        self.lexicon.word(&mut self.rng)
+    /// A lexicon word usable in an identifier (a few draws, then a fixed one).
+    fn ascii_word(&mut self) -> &str {
+        for _ in 0..8 {
+            let w = self.lexicon.word(&mut self.rng);
+            if w.is_ascii() {
+                return w;
+            }
+        }
+        "value"
     }
 
     fn sentence(&mut self, out: &mut String) {
@@ -264,12 +272,7 @@ impl Generator<'_> {
         let parts = 1 + self.rng.below(3);
         let style = self.rng.below(3);
         for i in 0..parts {
-            let w: String = self
-                .word()
-                .chars()
-                .filter(char::is_ascii_alphabetic)
-                .collect();
-            let w = if w.is_empty() { "x".to_string() } else { w };
+            let w = self.ascii_word().to_string();
             match (style, i) {
                 (0, 0) | (1, 0) => out.push_str(&w),
                 (0, _) => {

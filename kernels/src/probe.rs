@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use crate::cpu::gemm::Precision;
 use crate::cpu::isa::{Isa, multiversion};
 use crate::cpu::matmul::matmul;
 use crate::cpu::packed::PackedMatrix;
@@ -43,6 +44,7 @@ pub fn read_bandwidth(pool: &Pool, isa: Isa, bytes: usize, repeats: usize) -> f6
 pub fn matmul_gflops(
     pool: &Pool,
     isa: Isa,
+    precision: Precision,
     m: usize,
     n: usize,
     k: usize,
@@ -69,7 +71,7 @@ pub fn matmul_gflops(
     let mut best = f64::INFINITY;
     for _ in 0..repeats.max(1) {
         let t0 = Instant::now();
-        matmul(pool, isa, m, &x, k, w.view(), &mut out, n, false);
+        matmul(pool, isa, precision, m, &x, k, w.view(), &mut out, n, false);
         best = best.min(t0.elapsed().as_secs_f64());
     }
     std::hint::black_box(&out);

@@ -85,7 +85,16 @@ fn ceilings(e: &LocalEngine) -> Ceilings {
     let (pool, isa) = (e.backend.pool(), e.backend.isa());
     Ceilings {
         bandwidth_gb_s: read_bandwidth(pool, isa, 1 << 30, 5),
-        matmul_gflop_s: matmul_gflops(pool, isa, 512, 4096, 1024, WeightDtype::BF16, 3),
+        matmul_gflop_s: matmul_gflops(
+            pool,
+            isa,
+            e.backend.precision(),
+            512,
+            4096,
+            1024,
+            WeightDtype::BF16,
+            3,
+        ),
     }
 }
 

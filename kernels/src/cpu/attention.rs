@@ -8,12 +8,12 @@
 //!    one block of scores per task.
 //! 3. The output of each head is scaled by `sigmoid(gate)` of the same head.
 
-use super::gemm::gemm;
+use super::gemm::{Precision, gemm};
 use super::isa::{Isa, multiversion};
 use super::packed::PackedMatrix;
 use super::pool::{Pool, SharedMut};
 use super::{rope, vmath};
-use crate::{AttentionDims, KvCacheHost, SeqSpan};
+use crate::{AttentionDims, KvCacheHost, SeqSpan, WeightDtype};
 
 /// Spans up to this many tokens attend with direct dot products.
 const DIRECT_MAX: usize = 8;
@@ -73,6 +73,8 @@ pub struct AttentionArgs<'a> {
     pub q_norm: &'a [f32],
     /// `1 + k_norm.weight`, `[head_dim]`.
     pub k_norm: &'a [f32],
+    /// Rounding of the prefill attention GEMM inputs (q·kᵀ and p·v).
+    pub precision: Precision,
 }
 
 multiversion! {
@@ -156,10 +158,7 @@ multiversion! {
             let inv = 1.0 / vmath::sum(&scores[..n]);
             let o = &mut out[i * out_stride..i * out_stride + hd];
             o.fill(0.0);
-            for (j, p) in scores[..n].iter().enumerate() {
-                let vj = &values[j * kv_stride + kv_offset..j * kv_stride + kv_offset + hd];
-                vmath::axpy(o, *p, vj);
-            }
+            vmath::accumulate_rows(o, &scores[..n], &values[kv_offset..], kv_stride);
             let g = &gate[i * gate_stride..i * gate_stride + hd];
             for (ov, gv) in o.iter_mut().zip(g) {
                 *ov *= inv * vmath::sigmoid(*gv);
@@ -346,6 +345,10 @@ pub fn gated_attention(
     if blocked.is_empty() {
         return;
     }
+    let dtype = match args.precision {
+        Precision::F32 => WeightDtype::F32,
+        Precision::Bf16 => WeightDtype::BF16,
+    };
     let mut packed: Vec<Option<(PackedMatrix, PackedMatrix)>> = Vec::new();
     packed.resize_with(blocked.len() * nkv, || None);
     {
@@ -356,8 +359,8 @@ pub fn gated_attention(
             let row = nkv * hd;
             let key = |j: usize| &c.keys[j * row + g * hd..j * row + (g + 1) * hd];
             let val = |j: usize| &c.values[j * row + g * hd..j * row + (g + 1) * hd];
-            let kp = PackedMatrix::from_f32_rows(c.len, hd, key);
-            let vt = PackedMatrix::from_f32_transposed(hd, c.len, val);
+            let kp = PackedMatrix::from_f32_rows(c.len, hd, dtype, key);
+            let vt = PackedMatrix::from_f32_transposed(hd, c.len, dtype, val);
             // SAFETY: one slot per task.
             unsafe { slots.slice(t, 1)[0] = Some((kp, vt)) };
         });
@@ -390,6 +393,7 @@ pub fn gated_attention(
             let width = BLOCK_K.min(kmax - k0);
             gemm(
                 isa,
+                args.precision,
                 rows,
                 q_rows,
                 nh * hd,
@@ -414,6 +418,7 @@ pub fn gated_attention(
             );
             gemm(
                 isa,
+                args.precision,
                 rows,
                 &scores,
                 BLOCK_K,

@@ -37,31 +37,39 @@ pub fn recurrent(s: &mut [f32], dk: usize, dv: usize, io: HeadIo<'_>) {
         let v = &io.v[t * io.v_stride..t * io.v_stride + dv];
         let beta = io.beta[t * io.gate_stride];
         let alpha = io.g[t * io.gate_stride].exp();
+        vmath::scale(s, alpha);
         kv.fill(0.0);
-        for (i, row) in s.chunks_exact_mut(dv).enumerate() {
-            vmath::scale(row, alpha);
-            vmath::axpy(&mut kv, k[i], row);
-        }
+        vmath::accumulate_rows(&mut kv, k, s, dv);
         for (u, vv) in kv.iter_mut().zip(v) {
             *u = beta * (vv - *u);
         }
-        let o = &mut io.out[t * dv..(t + 1) * dv];
-        o.fill(0.0);
         for (i, row) in s.chunks_exact_mut(dv).enumerate() {
             vmath::axpy(row, k[i], &kv);
-            vmath::axpy(o, q[i], row);
         }
+        let o = &mut io.out[t * dv..(t + 1) * dv];
+        o.fill(0.0);
+        vmath::accumulate_rows(o, q, s, dv);
     }
 }
 
 /// Chunked (parallel) form; same contract as [`recurrent`].
+///
+/// Every product is written as an axpy along a contiguous row (no horizontal reductions):
+/// key·key and query·key rows come from a transposed copy of the chunk's keys, and the decays
+/// `exp(γ_r − γ_s)` are formed once per chunk.
 #[inline(always)]
 pub fn chunked(s: &mut [f32], dk: usize, dv: usize, io: HeadIo<'_>) {
     let mut gam = [0f32; CHUNK];
     let mut beta = [0f32; CHUNK];
     let mut kc = vec![0f32; CHUNK * dk];
+    let mut kt = vec![0f32; dk * CHUNK];
     let mut qc = vec![0f32; CHUNK * dk];
+    // decay[r][s] = exp(γ_r − γ_s) for s ≤ r (the exponent is only formed there: the full
+    // matrix overflows f32, since γ can drop below −88 within a chunk).
+    let mut decay = vec![0f32; CHUNK * CHUNK];
     let mut a = vec![0f32; CHUNK * CHUNK];
+    let mut row = [0f32; CHUNK];
+    let mut neg = vec![0f32; CHUNK.max(dk)];
     let mut u = vec![0f32; CHUNK * dv];
     let mut w = vec![0f32; CHUNK * dk];
     let mut c0 = 0;
@@ -73,17 +81,26 @@ pub fn chunked(s: &mut [f32], dk: usize, dv: usize, io: HeadIo<'_>) {
             acc += io.g[t * io.gate_stride];
             gam[r] = acc;
             beta[r] = io.beta[t * io.gate_stride];
-            kc[r * dk..(r + 1) * dk].copy_from_slice(&io.k[t * io.k_stride..t * io.k_stride + dk]);
+            let k = &io.k[t * io.k_stride..t * io.k_stride + dk];
+            kc[r * dk..(r + 1) * dk].copy_from_slice(k);
+            for (i, v) in k.iter().enumerate() {
+                kt[i * CHUNK + r] = *v;
+            }
             qc[r * dk..(r + 1) * dk].copy_from_slice(&io.q[t * io.q_stride..t * io.q_stride + dk]);
         }
-        // A[r][s] = β_r · exp(γ_r − γ_s) · (k_r · k_s) for s < r. The exponent is formed only
-        // for s ≤ r: the full matrix overflows f32 (γ can drop below −88 within a chunk).
         for r in 0..c {
-            for s_ in 0..r {
-                let d = vmath::exp(gam[r] - gam[s_]);
-                a[r * CHUNK + s_] = beta[r]
-                    * d
-                    * vmath::dot(&kc[r * dk..(r + 1) * dk], &kc[s_ * dk..(s_ + 1) * dk]);
+            for s_ in 0..=r {
+                decay[r * CHUNK + s_] = vmath::exp(gam[r] - gam[s_]);
+            }
+        }
+        // A[r][s] = β_r · decay[r][s] · (k_r · k_s) for s < r.
+        for r in 1..c {
+            let kr = &kc[r * dk..(r + 1) * dk];
+            let dst = &mut row[..r];
+            dst.fill(0.0);
+            vmath::accumulate_rows(dst, kr, &kt, CHUNK);
+            for (s_, v) in dst.iter().enumerate() {
+                a[r * CHUNK + s_] = beta[r] * decay[r * CHUNK + s_] * v;
             }
         }
         // Forward substitution solves (I + A) U₀ = β⊙V and (I + A) W = β⊙Γ⊙K.
@@ -101,44 +118,45 @@ pub fn chunked(s: &mut [f32], dk: usize, dv: usize, io: HeadIo<'_>) {
             for (x, kv) in wr.iter_mut().zip(&kc[r * dk..(r + 1) * dk]) {
                 *x = bg * kv;
             }
-            for s_ in 0..r {
-                let coef = -a[r * CHUNK + s_];
-                vmath::axpy(ur, coef, &done_u[s_ * dv..(s_ + 1) * dv]);
-                vmath::axpy(wr, coef, &done_w[s_ * dk..(s_ + 1) * dk]);
+            for (n, v) in neg[..r].iter_mut().zip(&a[r * CHUNK..r * CHUNK + r]) {
+                *n = -v;
             }
+            vmath::accumulate_rows(ur, &neg[..r], done_u, dv);
+            vmath::accumulate_rows(wr, &neg[..r], done_w, dk);
         }
         // U = U₀ − W·S_in (the values each step actually writes, given the incoming state).
         for r in 0..c {
             let ur = &mut u[r * dv..(r + 1) * dv];
-            for i in 0..dk {
-                vmath::axpy(ur, -w[r * dk + i], &s[i * dv..(i + 1) * dv]);
+            for (n, v) in neg[..dk].iter_mut().zip(&w[r * dk..(r + 1) * dk]) {
+                *n = -v;
             }
+            vmath::accumulate_rows(ur, &neg[..dk], s, dv);
         }
-        // O_r = Γ_r · q_rᵀ S_in + Σ_{s ≤ r} (q_r · k_s) exp(γ_r − γ_s) U_s.
+        // O_r = Γ_r · q_rᵀ S_in + Σ_{s ≤ r} (q_r · k_s) · decay[r][s] · U_s.
         for r in 0..c {
+            let qr = &qc[r * dk..(r + 1) * dk];
+            let dots = &mut row[..=r];
+            dots.fill(0.0);
+            vmath::accumulate_rows(dots, qr, &kt, CHUNK);
+            for (d, dec) in dots.iter_mut().zip(&decay[r * CHUNK..r * CHUNK + r + 1]) {
+                *d *= dec;
+            }
             let o = &mut io.out[(c0 + r) * dv..(c0 + r + 1) * dv];
             o.fill(0.0);
-            let qr = &qc[r * dk..(r + 1) * dk];
-            for i in 0..dk {
-                vmath::axpy(o, qr[i], &s[i * dv..(i + 1) * dv]);
-            }
+            vmath::accumulate_rows(o, qr, s, dv);
             vmath::scale(o, vmath::exp(gam[r]));
-            for s_ in 0..=r {
-                let coef =
-                    vmath::dot(qr, &kc[s_ * dk..(s_ + 1) * dk]) * vmath::exp(gam[r] - gam[s_]);
-                vmath::axpy(o, coef, &u[s_ * dv..(s_ + 1) * dv]);
-            }
+            vmath::accumulate_rows(o, dots, &u, dv);
         }
-        // S_out = Γ_c S_in + Σ_s exp(γ_c − γ_s) k_s ⊗ U_s.
-        let last = gam[c - 1];
-        let decay = vmath::exp(last);
+        // S_out = Γ_c S_in + Σ_s exp(γ_c − γ_s) k_s ⊗ U_s; the decays are row c-1 of `decay`.
+        let last = c - 1;
+        vmath::scale(s, vmath::exp(gam[last]));
+        for s_ in 0..c {
+            let d = decay[last * CHUNK + s_];
+            vmath::scale(&mut u[s_ * dv..(s_ + 1) * dv], d);
+        }
         for i in 0..dk {
-            let row = &mut s[i * dv..(i + 1) * dv];
-            vmath::scale(row, decay);
-            for s_ in 0..c {
-                let coef = kc[s_ * dk + i] * vmath::exp(last - gam[s_]);
-                vmath::axpy(row, coef, &u[s_ * dv..(s_ + 1) * dv]);
-            }
+            let srow = &mut s[i * dv..(i + 1) * dv];
+            vmath::accumulate_rows(srow, &kt[i * CHUNK..i * CHUNK + c], &u, dv);
         }
         c0 += c;
     }

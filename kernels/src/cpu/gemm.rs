@@ -10,11 +10,54 @@ use super::isa::Isa;
 use super::packed::{NR, PackedView};
 use crate::WeightDtype;
 
+/// How the inputs of a weight matmul are rounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 activations times widened weights: the float32 reference up to summation order.
+    #[default]
+    F32,
+    /// Activations rounded to bf16 before multiplying bf16 weights (f32 accumulation), as
+    /// transformers' and llama.cpp's bf16 modes do: `vdpbf16ps` doubles the arithmetic rate.
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Precision> {
+        match s {
+            "f32" => Some(Precision::F32),
+            "bf16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+}
+
+/// Whether this CPU has the AVX-512 BF16 dot product.
+pub fn has_bf16_dot() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            Isa::detect() == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// One register tile: `C[0..mr, 0..ncols] (+)= A[0..mr, 0..k] · panelᵀ`.
 #[derive(Clone, Copy)]
 pub(crate) struct Tile {
     pub k: usize,
-    pub a: *const f32,
+    /// Row-major A: f32, or bf16 pairs for the bf16-activation kernel.
+    pub a: *const u8,
+    /// Row stride of A in its own elements.
     pub lda: usize,
     /// k-step 0 of the panel (elements of the view's dtype, NR per k-step).
     pub b: *const u8,
@@ -29,7 +72,7 @@ pub(crate) struct Tile {
 pub fn max_rows(isa: Isa) -> usize {
     match isa {
         Isa::Avx512 => 12,
-        Isa::Avx2 => 6,
+        Isa::Avx2 => 4,
         Isa::Portable => 8,
     }
 }
@@ -41,6 +84,7 @@ pub fn max_rows(isa: Isa) -> usize {
 /// rows of `w.n()` floats at stride `ldc`; the two must not overlap; `isa ≤ Isa::detect()`.
 pub unsafe fn gemm_raw(
     isa: Isa,
+    precision: Precision,
     m: usize,
     a: *const f32,
     lda: usize,
@@ -68,9 +112,41 @@ pub unsafe fn gemm_raw(
     // Keep one row block of A (mc · k floats) within ~256 KiB of L2 while panels stream past.
     let mc = ((256 * 1024 / (4 * k)) / mr_max).max(1) * mr_max;
     let dtype = w.dtype();
+    let rounded = precision == Precision::Bf16 && dtype == WeightDtype::BF16;
+    let dot = rounded && has_bf16_dot() && isa == Isa::Avx512;
+    let mut scratch_bf16: Vec<u16> = Vec::new();
+    let mut scratch_f32: Vec<f32> = Vec::new();
+    let kp = k.div_ceil(2) * 2;
     let mut r0 = 0;
     while r0 < m {
         let rows = mc.min(m - r0);
+        // The block's A as the kernels will read it.
+        let (a_blk, lda_blk): (*const u8, usize) = if !rounded {
+            (a.wrapping_add(r0 * lda).cast(), lda)
+        } else {
+            // SAFETY: rows r0..r0+rows of A are readable (caller).
+            let src = |i: usize| unsafe { std::slice::from_raw_parts(a.add((r0 + i) * lda), k) };
+            if dot {
+                scratch_bf16.clear();
+                scratch_bf16.resize(rows * kp, 0);
+                for i in 0..rows {
+                    for (d, v) in scratch_bf16[i * kp..i * kp + k].iter_mut().zip(src(i)) {
+                        *d = half::bf16::from_f32(*v).to_bits();
+                    }
+                }
+                (scratch_bf16.as_ptr().cast(), kp)
+            } else {
+                scratch_f32.clear();
+                scratch_f32.resize(rows * k, 0.0);
+                for i in 0..rows {
+                    for (d, v) in scratch_f32[i * k..(i + 1) * k].iter_mut().zip(src(i)) {
+                        *d = half::bf16::from_f32(*v).to_f32();
+                    }
+                }
+                (scratch_f32.as_ptr().cast(), k)
+            }
+        };
+        let a_elem = if dot { 2 } else { 4 };
         for p in 0..w.panels() {
             let ncols = NR.min(w.n() - p * NR);
             let mut i = 0;
@@ -78,8 +154,8 @@ pub unsafe fn gemm_raw(
                 let mr = mr_max.min(rows - i);
                 let tile = Tile {
                     k,
-                    a: a.wrapping_add((r0 + i) * lda),
-                    lda,
+                    a: a_blk.wrapping_add(i * lda_blk * a_elem),
+                    lda: lda_blk,
                     b: w.panel_ptr(p),
                     c: c.wrapping_add((r0 + i) * ldc + p * NR),
                     ldc,
@@ -87,7 +163,13 @@ pub unsafe fn gemm_raw(
                     accumulate,
                 };
                 // SAFETY: the tile lies inside the region the caller vouched for.
-                unsafe { run_tile(isa, dtype, mr, &tile) };
+                unsafe {
+                    if dot {
+                        run_tile_bf16_activations(mr, &tile)
+                    } else {
+                        run_tile(isa, dtype, mr, &tile)
+                    }
+                };
                 i += mr;
             }
         }
@@ -99,6 +181,7 @@ pub unsafe fn gemm_raw(
 /// `lda`, `c` is `[m, w.n()]` with stride `ldc`.
 pub fn gemm(
     isa: Isa,
+    precision: Precision,
     m: usize,
     a: &[f32],
     lda: usize,
@@ -122,7 +205,30 @@ pub fn gemm(
         );
     }
     // SAFETY: bounds checked above; `a` and `c` are distinct borrows.
-    unsafe { gemm_raw(isa, m, a.as_ptr(), lda, w, c.as_mut_ptr(), ldc, accumulate) }
+    unsafe {
+        gemm_raw(
+            isa,
+            precision,
+            m,
+            a.as_ptr(),
+            lda,
+            w,
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+        )
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn run_tile_bf16_activations(mr: usize, t: &Tile) {
+    // SAFETY: only called when `has_bf16_dot()`; the tile is in bounds (caller).
+    unsafe { super::ukernel_avx512::tile_bf16_activations(mr, t) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn run_tile_bf16_activations(_mr: usize, _t: &Tile) {
+    unreachable!("no bf16 dot product on this architecture")
 }
 
 unsafe fn run_tile(isa: Isa, dtype: WeightDtype, mr: usize, t: &Tile) {
@@ -190,7 +296,7 @@ mod tests {
                     let w = PackedMatrix::from_host(&host);
                     let want = naive(&a, m, k, &w);
                     let mut c = vec![1.0f32; m * n];
-                    gemm(isa, m, &a, k, w.view(), &mut c, n, false);
+                    gemm(isa, Precision::F32, m, &a, k, w.view(), &mut c, n, false);
                     for (x, y) in c.iter().zip(&want) {
                         assert!(
                             (x - y).abs() < 1e-4,
@@ -198,7 +304,7 @@ mod tests {
                         );
                     }
                     // Accumulate adds onto what is there.
-                    gemm(isa, m, &a, k, w.view(), &mut c, n, true);
+                    gemm(isa, Precision::F32, m, &a, k, w.view(), &mut c, n, true);
                     for (x, y) in c.iter().zip(&want) {
                         assert!((x - 2.0 * y).abs() < 2e-4, "{isa:?} accumulate");
                     }
@@ -208,14 +314,59 @@ mod tests {
     }
 
     #[test]
+    fn bf16_precision_multiplies_rounded_activations() {
+        for isa in Isa::available() {
+            for &(m, n, k) in &[(1, 40, 9), (13, 70, 64), (30, 33, 131)] {
+                let a: Vec<f32> = (0..m * k).map(|i| pseudo(i, 5) * 3.0).collect();
+                let wv: Vec<f32> = (0..n * k).map(|i| pseudo(i, 6)).collect();
+                let bytes: Vec<u8> = wv
+                    .iter()
+                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                    .collect();
+                let w = PackedMatrix::from_host(
+                    &HostMatrix::new(WeightDtype::BF16, n, k, &bytes).expect("sizes"),
+                );
+                let rounded: Vec<f32> = a.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
+                let want = naive(&rounded, m, k, &w);
+                let exact = naive(&a, m, k, &w);
+                let mut c = vec![0f32; m * n];
+                gemm(isa, Precision::Bf16, m, &a, k, w.view(), &mut c, n, false);
+                let d = c
+                    .iter()
+                    .zip(&want)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f32::max);
+                assert!(d < 1e-4, "{isa:?} {m}x{n}x{k}: {d}");
+                // And the rounding is real: f32 inputs would give something else.
+                let e = c
+                    .iter()
+                    .zip(&exact)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f32::max);
+                assert!(e > 1e-4, "{isa:?}: bf16 mode did not round the activations");
+            }
+        }
+    }
+
+    #[test]
     fn windows_select_rows_and_columns() {
         let (n, k) = (96, 40);
         let wv: Vec<f32> = (0..n * k).map(|i| pseudo(i, 3)).collect();
-        let w = PackedMatrix::from_f32_rows(n, k, |r| &wv[r * k..(r + 1) * k]);
+        let w = PackedMatrix::from_f32_rows(n, k, WeightDtype::F32, |r| &wv[r * k..(r + 1) * k]);
         let a: Vec<f32> = (0..2 * 10).map(|i| pseudo(i, 4)).collect();
         let view = w.view().rows(32, 50).cols(7, 10);
         let mut c = vec![0f32; 2 * 50];
-        gemm(Isa::detect(), 2, &a, 10, view, &mut c, 50, false);
+        gemm(
+            Isa::detect(),
+            Precision::F32,
+            2,
+            &a,
+            10,
+            view,
+            &mut c,
+            50,
+            false,
+        );
         for i in 0..2 {
             for j in 0..50 {
                 let want: f32 = (0..10)

@@ -5,7 +5,7 @@
 //! weight; prefill splits rows into blocks that keep their slice of `x` in L2 while the whole
 //! weight streams past.
 
-use super::gemm::{gemm_raw, max_rows};
+use super::gemm::{Precision, gemm_raw, max_rows};
 use super::isa::Isa;
 use super::packed::{NR, PackedView};
 use super::pool::{Pool, SharedMut};
@@ -20,6 +20,7 @@ const SERIAL_MACS: usize = 1 << 16;
 pub fn matmul(
     pool: &Pool,
     isa: Isa,
+    precision: Precision,
     m: usize,
     x: &[f32],
     lda: usize,
@@ -50,6 +51,7 @@ pub fn matmul(
         unsafe {
             gemm_raw(
                 isa,
+                precision,
                 m,
                 x.as_ptr(),
                 lda,
@@ -85,6 +87,7 @@ pub fn matmul(
         unsafe {
             gemm_raw(
                 isa,
+                precision,
                 rows,
                 (x_ptr as *const f32).add(r0 * lda),
                 lda,

@@ -21,6 +21,7 @@ pub mod vmath;
 
 pub use attention::CpuKvCache;
 pub use deltanet::CpuDeltaState;
+pub use gemm::{Precision, has_bf16_dot};
 pub use isa::Isa;
 pub use packed::PackedMatrix;
 pub use pool::Pool;
@@ -91,6 +92,7 @@ impl CpuMatrix {
 pub struct CpuBackend {
     pool: Pool,
     isa: Isa,
+    precision: Precision,
 }
 
 impl CpuBackend {
@@ -99,19 +101,30 @@ impl CpuBackend {
         CpuBackend {
             pool: Pool::new(threads),
             isa: Isa::detect(),
+            precision: Precision::F32,
         }
     }
 
     /// Like [`CpuBackend::new`] but limited to `isa` (clamped to what the CPU supports).
     pub fn with_isa(threads: usize, isa: Isa) -> Self {
         CpuBackend {
-            pool: Pool::new(threads),
             isa: isa.min(Isa::detect()),
+            ..CpuBackend::new(threads)
         }
+    }
+
+    /// Rounds weight-matmul inputs to `precision` (default f32).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn threads(&self) -> usize {
@@ -130,7 +143,16 @@ impl Backend for CpuBackend {
     type KvCache = CpuKvCache;
 
     fn name(&self) -> String {
-        format!("cpu ({}, {} threads)", self.isa.name(), self.pool.threads())
+        format!(
+            "cpu ({}, {} threads, {} matmul inputs)",
+            self.isa.name(),
+            self.pool.threads(),
+            self.precision.name()
+        )
+    }
+
+    fn run_step<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> CpuTensor {
@@ -252,6 +274,7 @@ impl Backend for CpuBackend {
         matmul::matmul(
             &self.pool,
             self.isa,
+            self.precision,
             x.rows,
             &x.data,
             x.cols,
@@ -408,6 +431,7 @@ impl Backend for CpuBackend {
             dims: d,
             q_norm: &layer.q_norm.data,
             k_norm: &layer.k_norm.data,
+            precision: self.precision,
         };
         attention::gated_attention(
             &self.pool,
@@ -448,6 +472,7 @@ impl Backend for CpuBackend {
         moe::experts(
             &self.pool,
             self.isa,
+            self.precision,
             &x.data,
             x.cols,
             routes,

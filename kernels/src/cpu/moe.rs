@@ -6,7 +6,7 @@
 //! own row of a scratch buffer, and the combine then sums every row's pairs in route order, so
 //! the result is the same whatever order tasks finish in.
 
-use super::gemm::gemm;
+use super::gemm::{Precision, gemm};
 use super::isa::{Isa, multiversion};
 use super::packed::PackedMatrix;
 use super::pool::{Pool, SharedMut};
@@ -60,21 +60,27 @@ pub struct CpuExpert<'a> {
 }
 
 multiversion! {
-    /// `out[r] = Σ_j w_j · y[pair_j]` for a block of rows, pairs in route order.
-    fn combine_rows(y: &[f32], h: usize, offsets: &[usize], weights: &[f32], out: &mut [f32]) {
+    /// `out[r] = Σ_j w_j · y[slot[p_j]]` for a block of rows, over each row's pairs `p_j` in
+    /// route order (`offsets[r]..offsets[r+1]` index `weights` and `slots`).
+    fn combine_rows(y: &[f32], h: usize, offsets: &[usize], weights: &[f32], slots: &[usize], out: &mut [f32]) {
         for (r, o) in out.chunks_exact_mut(h).enumerate() {
             o.fill(0.0);
             for p in offsets[r]..offsets[r + 1] {
-                vmath::axpy(o, weights[p], &y[p * h..(p + 1) * h]);
+                let s = slots[p];
+                vmath::axpy(o, weights[p], &y[s * h..(s + 1) * h]);
             }
         }
     }
 }
 
 /// `out[r] = Σ w · Expert(x[r])` over each row's routed pairs. `x` and `out` are `[rows, h]`.
+///
+/// Pairs are ordered by expert (row order within an expert), so each task's outputs are one
+/// contiguous block of the scratch buffer that its down-projection writes directly.
 pub fn experts<'w>(
     pool: &Pool,
     isa: Isa,
+    precision: Precision,
     x: &[f32],
     h: usize,
     routes: &Routes,
@@ -87,21 +93,13 @@ pub fn experts<'w>(
     if rows == 0 {
         return Ok(());
     }
-    // Group pair indices by expert, keeping row order inside a group.
-    let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
-    {
-        let mut by_expert: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
-        for (p, &e) in routes.experts().iter().enumerate() {
-            by_expert.entry(e).or_default().push(p);
-        }
-        for (e, pairs) in by_expert {
-            if lookup(e).is_none() {
-                return Err(KernelError::MissingExpert { expert: e });
-            }
-            for chunk in pairs.chunks(ROWS_PER_TASK) {
-                groups.push((e, chunk.to_vec()));
-            }
-        }
+    let experts = routes.experts();
+    // order[slot] = pair index, sorted by expert; slots[pair] = its slot.
+    let mut order: Vec<usize> = (0..routes.pairs()).collect();
+    order.sort_by_key(|&p| experts[p]);
+    let mut slots = vec![0usize; order.len()];
+    for (slot, &p) in order.iter().enumerate() {
+        slots[p] = slot;
     }
     let mut pair_row = vec![0usize; routes.pairs()];
     for r in 0..rows {
@@ -109,55 +107,71 @@ pub fn experts<'w>(
             pair_row[p] = r;
         }
     }
-    // Heaviest groups first so the tail of the parallel loop is short.
-    groups.sort_by_key(|(_, pairs)| std::cmp::Reverse(pairs.len()));
+    // Tasks: runs of one expert's slots, at most ROWS_PER_TASK long.
+    let mut tasks: Vec<(u32, std::ops::Range<usize>)> = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        let e = experts[order[start]];
+        if lookup(e).is_none() {
+            return Err(KernelError::MissingExpert { expert: e });
+        }
+        let mut end = start;
+        while end < order.len() && experts[order[end]] == e && end - start < ROWS_PER_TASK {
+            end += 1;
+        }
+        tasks.push((e, start..end));
+        start = end;
+    }
+    // Heaviest tasks first so the tail of the parallel loop is short.
+    tasks.sort_by_key(|(_, r)| std::cmp::Reverse(r.len()));
     let mut y = vec![0f32; routes.pairs() * h];
     let y_ptr = SharedMut::new(&mut y);
-    pool.for_each(groups.len(), |t| {
-        let (e, pairs) = &groups[t];
+    pool.for_each(tasks.len(), |t| {
+        let (e, range) = &tasks[t];
         let Some(w) = lookup(*e) else { return };
-        let m = pairs.len();
+        let m = range.len();
         let inter = w.down.k;
         let mut xs = vec![0f32; m * h];
-        for (i, &p) in pairs.iter().enumerate() {
+        for (i, &p) in order[range.clone()].iter().enumerate() {
             let r = pair_row[p];
             xs[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
         }
         let mut gu = vec![0f32; m * 2 * inter];
-        gemm(isa, m, &xs, h, w.gate_up.view(), &mut gu, 2 * inter, false);
+        gemm(
+            isa,
+            precision,
+            m,
+            &xs,
+            h,
+            w.gate_up.view(),
+            &mut gu,
+            2 * inter,
+            false,
+        );
         let mut act = vec![0f32; m * inter];
         super::ops::swiglu_rows(isa, &gu, 2 * inter, inter, &mut act);
-        let mut ys = vec![0f32; m * h];
-        gemm(isa, m, &act, inter, w.down.view(), &mut ys, h, false);
-        for (i, &p) in pairs.iter().enumerate() {
-            // SAFETY: row p of `y` belongs to pair p, which is in exactly one group.
-            unsafe {
-                std::ptr::copy_nonoverlapping(ys.as_ptr().add(i * h), y_ptr.ptr().add(p * h), h)
-            };
-        }
+        // SAFETY: slots `range` of `y` belong to this task alone.
+        let ys = unsafe { y_ptr.slice(range.start * h, m * h) };
+        gemm(isa, precision, m, &act, inter, w.down.view(), ys, h, false);
     });
     let out_ptr = SharedMut::new(out);
     super::ops::for_row_blocks(pool, rows, h, |r0, n| {
-        // Pairs of rows r0..r0+n are contiguous: pair indices routes.row_range(r0).start.. .
+        // Pairs of rows r0..r0+n are contiguous: routes.row_range(r0).start.. .
         let first = routes.row_range(r0).start;
         let last = routes.row_range(r0 + n - 1).end;
-        let offsets: Vec<usize> = (r0..=r0 + n)
-            .map(|r| {
-                if r == r0 + n {
-                    last - first
-                } else {
-                    routes.row_range(r).start - first
-                }
-            })
+        let offsets: Vec<usize> = (r0..r0 + n)
+            .map(|r| routes.row_range(r).start - first)
+            .chain([last - first])
             .collect();
         // SAFETY: disjoint row blocks of `out`.
         let o = unsafe { out_ptr.slice(r0 * h, n * h) };
         combine_rows(
             isa,
-            &y[first * h..last * h],
+            &y,
             h,
             &offsets,
             &routes.weights()[first..last],
+            &slots[first..last],
             o,
         );
     });

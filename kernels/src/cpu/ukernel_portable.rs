@@ -18,10 +18,11 @@ pub(crate) unsafe fn tile(dtype: WeightDtype, mr: usize, t: &Tile) {
     for kk in 0..t.k {
         match dtype {
             WeightDtype::BF16 => {
-                let p = t.b.cast::<u16>().wrapping_add(kk * NR);
+                // Pair layout: column j's (even, odd) weights for k-pair kk/2 are adjacent.
+                let p = t.b.cast::<u16>().wrapping_add((kk / 2) * NR * 2 + kk % 2);
                 for (j, v) in w.iter_mut().enumerate() {
                     // SAFETY: kk < k and j < NR stay inside the panel.
-                    *v = f32::from_bits(u32::from(unsafe { *p.add(j) }) << 16);
+                    *v = f32::from_bits(u32::from(unsafe { *p.add(2 * j) }) << 16);
                 }
             }
             WeightDtype::F32 => {
@@ -34,7 +35,7 @@ pub(crate) unsafe fn tile(dtype: WeightDtype, mr: usize, t: &Tile) {
         }
         for (i, row) in acc.iter_mut().enumerate().take(mr) {
             // SAFETY: row i < mr, column kk < k.
-            let av = unsafe { *t.a.add(i * t.lda + kk) };
+            let av = unsafe { *t.a.cast::<f32>().add(i * t.lda + kk) };
             for j in 0..NR {
                 row[j] = av.mul_add(w[j], row[j]);
             }

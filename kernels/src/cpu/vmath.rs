@@ -93,6 +93,48 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// `y += Σ_s c[s] · x[s·stride .. s·stride + y.len()]`: a transposed GEMV over row-major
+/// rows. The destination is held in registers across all rows (loop interchange), so there is
+/// no load–FMA–store chain through memory per source row; four independent 16-lane blocks keep
+/// the FMA pipes busy.
+#[inline(always)]
+pub fn accumulate_rows(y: &mut [f32], c: &[f32], x: &[f32], stride: usize) {
+    const BLOCK: usize = 4 * LANES;
+    let n = y.len();
+    let mut j = 0;
+    while j + BLOCK <= n {
+        let mut acc = [0f32; BLOCK];
+        acc.copy_from_slice(&y[j..j + BLOCK]);
+        for (s, cv) in c.iter().enumerate() {
+            let xr = &x[s * stride + j..s * stride + j + BLOCK];
+            for l in 0..BLOCK {
+                acc[l] = cv.mul_add(xr[l], acc[l]);
+            }
+        }
+        y[j..j + BLOCK].copy_from_slice(&acc);
+        j += BLOCK;
+    }
+    while j + LANES <= n {
+        let mut acc = [0f32; LANES];
+        acc.copy_from_slice(&y[j..j + LANES]);
+        for (s, cv) in c.iter().enumerate() {
+            let xr = &x[s * stride + j..s * stride + j + LANES];
+            for l in 0..LANES {
+                acc[l] = cv.mul_add(xr[l], acc[l]);
+            }
+        }
+        y[j..j + LANES].copy_from_slice(&acc);
+        j += LANES;
+    }
+    for jj in j..n {
+        let mut acc = y[jj];
+        for (s, cv) in c.iter().enumerate() {
+            acc = cv.mul_add(x[s * stride + jj], acc);
+        }
+        y[jj] = acc;
+    }
+}
+
 /// `y[i] *= a`.
 #[inline(always)]
 pub fn scale(y: &mut [f32], a: f32) {
@@ -179,6 +221,26 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(-100.0), 0.0);
         assert!(exp(0.0) == 1.0);
+    }
+
+    #[test]
+    fn accumulate_rows_is_a_transposed_gemv() {
+        for n in [1usize, 15, 16, 17, 64, 70, 130] {
+            let rows = 5;
+            let stride = n + 3;
+            let x: Vec<f32> = (0..rows * stride)
+                .map(|i| (i as f32 * 0.31).sin())
+                .collect();
+            let c: Vec<f32> = (0..rows).map(|i| i as f32 - 1.5).collect();
+            let mut y: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let want: Vec<f32> = (0..n)
+                .map(|j| j as f32 + (0..rows).map(|s| c[s] * x[s * stride + j]).sum::<f32>())
+                .collect();
+            accumulate_rows(&mut y, &c, &x, stride);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4);
+            }
+        }
     }
 
     #[test]
