@@ -19,6 +19,19 @@ fn fixture_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The public fixtures plus any in `MYRIAD_EXTRA_FIXTURES` (colon-separated directories made by
+/// `make_fixtures.py` with other seeds, prompts and shapes), as (name, directory).
+fn fixture_dirs() -> Vec<(String, PathBuf)> {
+    let mut dirs: Vec<(String, PathBuf)> = FIXTURES
+        .iter()
+        .map(|n| (n.to_string(), fixture_dir(n)))
+        .collect();
+    if let Some(extra) = std::env::var_os("MYRIAD_EXTRA_FIXTURES") {
+        dirs.extend(std::env::split_paths(&extra).map(|d| (d.display().to_string(), d)));
+    }
+    dirs
+}
+
 fn read_json(path: PathBuf) -> Value {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
@@ -35,8 +48,7 @@ fn ids(v: &Value) -> Vec<u32> {
 #[test]
 fn encode_cases_match() {
     let mut checked = 0;
-    for name in FIXTURES {
-        let dir = fixture_dir(name);
+    for (name, dir) in fixture_dirs() {
         let tok = Tokenizer::from_dir(&dir).unwrap();
         let cases = read_json(dir.join("tokenizer_cases.json"));
         assert_eq!(
@@ -81,14 +93,13 @@ fn encode_cases_match() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 44);
+    assert!(checked >= 44, "only {checked} encode cases checked");
 }
 
 #[test]
 fn chat_cases_match() {
     let mut checked = 0;
-    for name in FIXTURES {
-        let dir = fixture_dir(name);
+    for (name, dir) in fixture_dirs() {
         let tok = Tokenizer::from_dir(&dir).unwrap();
         let template = ChatTemplate::from_dir(&dir).unwrap();
         let cases = read_json(dir.join("tokenizer_cases.json"));
@@ -121,13 +132,12 @@ fn chat_cases_match() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 24);
+    assert!(checked >= 24, "only {checked} chat cases checked");
 }
 
 #[test]
 fn special_tokens_match_reference() {
-    for name in FIXTURES {
-        let dir = fixture_dir(name);
+    for (name, dir) in fixture_dirs() {
         let tok = Tokenizer::from_dir(&dir).unwrap();
         let reference = read_json(dir.join("reference.json"));
         let config = read_json(dir.join("config.json"));

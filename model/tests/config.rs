@@ -609,3 +609,26 @@ fn generation_config_missing_malformed_and_int_eos() {
         "{msg}"
     );
 }
+
+/// Regressions found by the `model_config` fuzz target.
+#[test]
+fn fuzz_findings_stay_fixed() {
+    let text = std::fs::read_to_string(fixture("qwen3_next-mini512").join("config.json")).unwrap();
+    let origin = Path::new("fuzz/config.json");
+    // A layer count that would size gigabytes of per-layer lists is refused up front.
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    v["num_hidden_layers"] = json!(8_980_198_284u64);
+    let e = ModelConfig::from_json_str(&v.to_string(), origin)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("num_hidden_layers") && e.contains("fuzz/config.json"),
+        "{e}"
+    );
+    // Extreme floats survive the round trip through to_hf_json exactly.
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    v["rms_norm_eps"] = json!(1e-86);
+    let c = ModelConfig::from_json_str(&v.to_string(), origin).unwrap();
+    let again = ModelConfig::from_json_str(&c.to_hf_json().to_string(), origin).unwrap();
+    assert_eq!(again, c);
+}

@@ -25,6 +25,16 @@ pub fn fixture(name: &str) -> PathBuf {
     fixtures_root().join(name)
 }
 
+/// The public fixtures plus any directories in `MYRIAD_EXTRA_FIXTURES` (colon-separated; made
+/// by `make_fixtures.py` with other seeds, prompts and shapes).
+pub fn fixture_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = FIXTURES.iter().map(|n| fixture(n)).collect();
+    if let Some(extra) = std::env::var_os("MYRIAD_EXTRA_FIXTURES") {
+        dirs.extend(std::env::split_paths(&extra));
+    }
+    dirs
+}
+
 /// Loads a fixture with all roles in one process (2 threads, best ISA).
 pub fn engine(dir: &Path) -> LocalEngine {
     load(

@@ -71,8 +71,13 @@ fn prefill(
     (logits, seq)
 }
 
+/// Checks a fixture by name (under `../shared/fixtures`) or by path.
 fn check_fixture(name: &str) {
-    let dir = fixture(name);
+    let dir = if std::path::Path::new(name).is_absolute() {
+        std::path::PathBuf::from(name)
+    } else {
+        fixture(name)
+    };
     let r = Reference::load(&dir);
     let e = engine(&dir);
     let model = e.engine.model();
@@ -304,4 +309,18 @@ fn qwen3_5_moe_tiny() {
 #[test]
 fn qwen3_5_moe_mini512() {
     check_fixture("qwen3_5_moe-mini512");
+}
+
+/// Extra fixture directories made by `make_fixtures.py` with other seeds, prompts and shapes
+/// (`MYRIAD_EXTRA_FIXTURES=dir1:dir2`), checked exactly like the public ones. Skipped when the
+/// variable is unset.
+#[test]
+fn extra_fixtures_from_the_environment() {
+    let Some(dirs) = std::env::var_os("MYRIAD_EXTRA_FIXTURES") else {
+        eprintln!("MYRIAD_EXTRA_FIXTURES is not set: no extra fixtures checked");
+        return;
+    };
+    for dir in std::env::split_paths(&dirs) {
+        check_fixture(dir.to_str().unwrap());
+    }
 }

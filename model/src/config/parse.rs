@@ -12,6 +12,9 @@ const DEFAULT_PARTIAL_ROTARY_FACTOR: f64 = 0.25;
 const DEFAULT_FULL_ATTENTION_INTERVAL: usize = 4;
 const DEFAULT_RMS_NORM_EPS: f64 = 1e-6;
 
+/// More decoder layers than any model of this family has (the largest has 60).
+const MAX_LAYERS: usize = 1024;
+
 pub(super) fn parse(text: &str, origin: &Path) -> Result<ModelConfig, ConfigError> {
     let root: Value = serde_json::from_str(text).map_err(|source| ConfigError::Json {
         path: origin.to_path_buf(),
@@ -31,6 +34,13 @@ pub(super) fn parse(text: &str, origin: &Path) -> Result<ModelConfig, ConfigErro
     let family = family(&top, &text)?;
 
     let num_layers = text.req_usize("num_hidden_layers")?;
+    // Checked before anything is sized by it: per-layer lists are built right below.
+    if num_layers == 0 || num_layers > MAX_LAYERS {
+        return Err(text.invalid(
+            "num_hidden_layers",
+            format!("must be between 1 and {MAX_LAYERS}, found {num_layers}"),
+        ));
+    }
     let head_dim = text.req_usize("head_dim")?;
     let rope = rope(&text, head_dim)?;
     let layer_kinds = layer_kinds(&text, num_layers)?;
