@@ -122,50 +122,39 @@ impl<B: Backend> Model<B> {
         b.rms_norm(&x, &w.layers[0].input_norm, eps, &mut u);
 
         for (l, lw) in w.layers.iter().enumerate() {
-            // Mixer.
+            // Mixer: fused input projection, the mixer over each sequence's state, output projection.
             let mut mixed = b.zeros(n, h);
-            match &lw.mixer {
+            let (in_proj, out_proj) = match &lw.mixer {
                 MixerWeights::DeltaNet {
-                    in_proj,
-                    params,
-                    out_proj,
-                } => {
-                    let mut proj = b.zeros(n, params.dims.proj_dim());
-                    b.matmul(&u, in_proj, &mut proj);
-                    let mut states: Vec<&mut B::DeltaState> = seqs
-                        .iter_mut()
-                        .map(|s| match &mut s.layers[l] {
-                            LayerState::DeltaNet(d) => Ok(d),
-                            LayerState::Attention(_) => Err(EngineError::Batch(format!(
-                                "layer {l} state is not DeltaNet"
-                            ))),
-                        })
-                        .collect::<Result<_, _>>()?;
+                    in_proj, out_proj, ..
+                } => (in_proj, out_proj),
+                MixerWeights::Attention {
+                    in_proj, out_proj, ..
+                } => (in_proj, out_proj),
+            };
+            let mut proj = b.zeros(n, b.matrix_shape(in_proj).0);
+            b.matmul(&u, in_proj, &mut proj);
+            let y = match &lw.mixer {
+                MixerWeights::DeltaNet { params, .. } => {
+                    let mut states = layer_states(seqs, l, |s| match s {
+                        LayerState::DeltaNet(d) => Some(d),
+                        LayerState::Attention(_) => None,
+                    })?;
                     let mut y = b.zeros(n, params.dims.value_dim());
                     b.gated_deltanet(params, &proj, spans, &mut states, &mut y);
-                    b.matmul(&y, out_proj, &mut mixed);
+                    y
                 }
-                MixerWeights::Attention {
-                    in_proj,
-                    params,
-                    out_proj,
-                } => {
-                    let mut proj = b.zeros(n, params.dims.proj_dim());
-                    b.matmul(&u, in_proj, &mut proj);
-                    let mut caches: Vec<&mut B::KvCache> = seqs
-                        .iter_mut()
-                        .map(|s| match &mut s.layers[l] {
-                            LayerState::Attention(kv) => Ok(kv),
-                            LayerState::DeltaNet(_) => Err(EngineError::Batch(format!(
-                                "layer {l} state is not attention"
-                            ))),
-                        })
-                        .collect::<Result<_, _>>()?;
+                MixerWeights::Attention { params, .. } => {
+                    let mut caches = layer_states(seqs, l, |s| match s {
+                        LayerState::Attention(kv) => Some(kv),
+                        LayerState::DeltaNet(_) => None,
+                    })?;
                     let mut y = b.zeros(n, params.dims.out_dim());
                     b.gated_attention(params, &proj, spans, &mut caches, &mut y);
-                    b.matmul(&y, out_proj, &mut mixed);
+                    y
                 }
-            }
+            };
+            b.matmul(&y, out_proj, &mut mixed);
             if let Some(t) = tensors(&mut trace) {
                 t.mixer_out(l, &b.download(&mixed));
             }
@@ -305,4 +294,22 @@ fn tensors<'a>(trace: &'a mut Option<&mut dyn Trace>) -> Option<&'a mut dyn Trac
         Some(t) if t.wants_tensors() => Some(t),
         _ => None,
     }
+}
+
+/// Layer `l`'s state of every sequence, as `pick` selects it for the layer's mixer kind (an
+/// error if a sequence was built for another model).
+fn layer_states<'s, B: Backend, T>(
+    seqs: &'s mut [&mut SequenceState<B>],
+    l: usize,
+    pick: impl Fn(&'s mut LayerState<B>) -> Option<&'s mut T>,
+) -> Result<Vec<&'s mut T>, EngineError> {
+    seqs.iter_mut()
+        .map(|s| {
+            pick(&mut s.layers[l]).ok_or_else(|| {
+                EngineError::Batch(format!(
+                    "layer {l}: sequence state does not match the layer's mixer"
+                ))
+            })
+        })
+        .collect()
 }

@@ -17,7 +17,4 @@ pub use chat_template::{CHAT_TEMPLATE_FILE, ChatTemplate, TemplateError};
 pub use config::{AddedTokenEntry, ConfigError, TOKENIZER_CONFIG_FILE, TokenizerConfig};
 pub use decode_stream::DecodeStream;
 pub use tokenizer::{TOKENIZER_FILE, Tokenizer, TokenizerError};
-pub use train::{
-    CHAT_TEMPLATE, QWEN3_5_SPECIALS, QWEN3_NEXT_SPECIALS, TokenizerFiles, TokenizerSpec,
-    TrainError, train_tokenizer,
-};
+pub use train::{CHAT_TEMPLATE, TokenizerFiles, TokenizerSpec, TrainError, train_tokenizer};

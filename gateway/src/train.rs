@@ -11,6 +11,8 @@
 use crate::config::TOKENIZER_CONFIG_FILE;
 use crate::corpus::training_corpus;
 use crate::tokenizer::TOKENIZER_FILE;
+use myriad_model::Family;
+use myriad_model::presets::special_tokens;
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -33,36 +35,6 @@ pub const CHAT_TEMPLATE: &str = include_str!("chat_template.jinja");
 const QWEN2_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen3.5 extends the letter classes with combining marks.
 const QWEN3_5_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// Special tokens of Qwen3-Next, in id order.
-pub const QWEN3_NEXT_SPECIALS: [&str; 9] = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<tool_response>",
-    "</tool_response>",
-    "<think>",
-    "</think>",
-];
-
-/// Special tokens of Qwen3.5: Qwen3-Next's with the vision tokens after `<|im_end|>`.
-pub const QWEN3_5_SPECIALS: [&str; 13] = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<tool_response>",
-    "</tool_response>",
-    "<think>",
-    "</think>",
-];
 
 /// Tokens the chat template and the config refer to by name.
 const REQUIRED_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -90,7 +62,10 @@ impl TokenizerSpec {
     pub fn qwen3_next(vocab_size: usize) -> Self {
         TokenizerSpec {
             vocab_size,
-            specials: QWEN3_NEXT_SPECIALS.iter().map(|s| s.to_string()).collect(),
+            specials: special_tokens(Family::Qwen3Next)
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             model_max_length: 4096,
             tokenizer_class: "Qwen2Tokenizer".to_string(),
         }
@@ -100,7 +75,10 @@ impl TokenizerSpec {
     pub fn qwen3_5_moe(vocab_size: usize) -> Self {
         TokenizerSpec {
             vocab_size,
-            specials: QWEN3_5_SPECIALS.iter().map(|s| s.to_string()).collect(),
+            specials: special_tokens(Family::Qwen35Moe)
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             model_max_length: 4096,
             tokenizer_class: "Qwen3_5Tokenizer".to_string(),
         }
@@ -377,7 +355,7 @@ mod tests {
             .unwrap();
         let tokenizer = tokenizers::Tokenizer::new(bpe);
         let doc: Value = serde_json::from_str(&tokenizer.to_string(false).unwrap()).unwrap();
-        let spec = TokenizerSpec::qwen3_next(300 + QWEN3_NEXT_SPECIALS.len());
+        let spec = TokenizerSpec::qwen3_next(300 + special_tokens(Family::Qwen3Next).len());
         let json = finish_tokenizer_json(doc, &spec, BYTE_ALPHABET).unwrap();
         let tok =
             Tokenizer::from_json(&json, Some(&tokenizer_config(&spec, 300).unwrap())).unwrap();

@@ -3,9 +3,11 @@
 #![allow(clippy::unwrap_used)]
 
 use myriad_gateway::{
-    CHAT_TEMPLATE, ChatTemplate, QWEN3_5_SPECIALS, QWEN3_NEXT_SPECIALS, Tokenizer, TokenizerFiles,
-    TokenizerSpec, TrainError, train_tokenizer,
+    CHAT_TEMPLATE, ChatTemplate, Tokenizer, TokenizerFiles, TokenizerSpec, TrainError,
+    train_tokenizer,
 };
+use myriad_model::Family;
+use myriad_model::presets::special_tokens;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -96,8 +98,8 @@ fn check_specials(files: &TokenizerFiles, vocab_size: usize, specials: &[&str]) 
 
 #[test]
 fn specials_sit_at_the_top_with_qwen_flags() {
-    check_specials(next_1024(), 1024, &QWEN3_NEXT_SPECIALS);
-    check_specials(moe_2048(), 2048, &QWEN3_5_SPECIALS);
+    check_specials(next_1024(), 1024, special_tokens(Family::Qwen3Next));
+    check_specials(moe_2048(), 2048, special_tokens(Family::Qwen35Moe));
 }
 
 /// NFC-stable characters from many scripts plus every control character.
@@ -312,7 +314,7 @@ fn bad_specs_are_rejected() {
 #[test]
 fn trains_the_bench_vocabulary() {
     let files = timed(&TokenizerSpec::qwen3_next(32768));
-    check_specials(&files, 32768, &QWEN3_NEXT_SPECIALS);
+    check_specials(&files, 32768, special_tokens(Family::Qwen3Next));
     let tok = load(&files);
     let text = "What is the capital of France? Please answer in one word.";
     assert!(

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use myriad_gateway::{TokenizerSpec, train_tokenizer};
 use myriad_kernels::WeightDtype;
@@ -96,19 +96,6 @@ pub fn make_model(
         Family::Qwen35Moe => TokenizerSpec::qwen3_5_moe(config.vocab_size),
     };
     spec.model_max_length = config.max_position_embeddings;
-    let specials = myriad_model::presets::special_tokens(family);
-    if spec
-        .specials
-        .iter()
-        .map(String::as_str)
-        .ne(specials.iter().copied())
-    {
-        bail!(
-            "tokenizer special tokens {:?} disagree with the model's {:?}",
-            spec.specials,
-            specials
-        );
-    }
     let files = train_tokenizer(&spec).context("training the tokenizer")?;
     files
         .write_to(out)
