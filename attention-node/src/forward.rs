@@ -95,8 +95,7 @@ impl<B: Backend> Model<B> {
         trace: Option<&mut dyn Trace>,
     ) -> Result<Vec<f32>, EngineError> {
         self.check_batch(tokens, spans, seqs, logit_rows)?;
-        self.backend
-            .run_step(|| self.step(tokens, spans, seqs, logit_rows, trace))
+        self.step(tokens, spans, seqs, logit_rows, trace)
     }
 
     fn step(

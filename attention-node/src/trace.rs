@@ -6,7 +6,7 @@
 use myriad_kernels::Routes;
 
 /// Receives intermediate values of one forward call as host f32 rows (`[rows, cols]`).
-pub trait Trace: Send {
+pub trait Trace {
     /// Whether the tensor hooks below should be called (each costs a device-to-host copy).
     fn wants_tensors(&self) -> bool {
         true

@@ -290,12 +290,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Human-readable device name (e.g. "cpu (avx512, 2 threads)").
     fn name(&self) -> String;
 
-    /// Runs one forward step `f`, whose kernels then find the device's executor ready: the
-    /// CPU backend enters its thread pool once per step rather than once per kernel.
-    fn run_step<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        f()
-    }
-
     // ---- memory --------------------------------------------------------------------------
 
     fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor;

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use crate::cpu::arena::{Region, WeightArena};
 use crate::cpu::gemm::Precision;
 use crate::cpu::isa::{Isa, multiversion};
 use crate::cpu::matmul::matmul;
@@ -17,27 +18,46 @@ multiversion! {
     }
 }
 
-/// Read bandwidth in GB/s (10⁹ bytes/s): every thread sums its own part of a `bytes`-sized
-/// buffer, best of `repeats` passes.
-pub fn read_bandwidth(pool: &Pool, isa: Isa, bytes: usize, repeats: usize) -> f64 {
-    let n = (bytes / 4).max(1 << 16);
-    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
-    let tasks = pool.threads() * 4;
-    let per = n.div_ceil(tasks);
-    let mut best = f64::INFINITY;
-    for _ in 0..repeats.max(1) {
-        let t0 = Instant::now();
-        let sink = std::sync::atomic::AtomicU32::new(0);
-        pool.for_each(tasks, |t| {
-            let lo = (t * per).min(n);
-            let hi = ((t + 1) * per).min(n);
-            let s = sum_block(isa, &buf[lo..hi]);
-            sink.fetch_add(s.to_bits() & 1, std::sync::atomic::Ordering::Relaxed);
-        });
-        std::hint::black_box(sink.into_inner());
-        best = best.min(t0.elapsed().as_secs_f64());
+/// Measures read bandwidth over one buffer allocated once (in the same kind of memory weights
+/// live in: huge pages where available, so the ceiling is measured on equal terms).
+pub struct ReadProbe {
+    buf: Region,
+}
+
+impl ReadProbe {
+    /// A probe over `bytes` of memory (at least 256 KiB).
+    pub fn new(bytes: usize) -> ReadProbe {
+        let n = (bytes / 4).max(1 << 16);
+        let mut buf = Region::standalone(n * 4);
+        for (i, v) in buf.as_mut_slice::<f32>().iter_mut().enumerate() {
+            *v = (i % 7) as f32;
+        }
+        ReadProbe { buf }
     }
-    (n * 4) as f64 / best / 1e9
+
+    /// GB/s (10⁹ bytes/s) of every thread summing its own part of the first `bytes` of the
+    /// buffer, best of `repeats` passes.
+    pub fn gb_s(&self, pool: &Pool, isa: Isa, bytes: usize, repeats: usize) -> f64 {
+        let all = self.buf.as_slice::<f32>();
+        let n = (bytes / 4).clamp(1, all.len());
+        let buf = &all[..n];
+        let tasks = pool.threads() * 4;
+        let per = n.div_ceil(tasks);
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats.max(1) {
+            let t0 = Instant::now();
+            let sink = std::sync::atomic::AtomicU32::new(0);
+            pool.for_each(tasks, |t| {
+                let lo = (t * per).min(n);
+                let hi = ((t + 1) * per).min(n);
+                let s = sum_block(isa, &buf[lo..hi]);
+                sink.fetch_add(s.to_bits() & 1, std::sync::atomic::Ordering::Relaxed);
+            });
+            std::hint::black_box(sink.into_inner());
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        (n * 4) as f64 / best / 1e9
+    }
 }
 
 /// GFLOP/s of `x[m, k] · Wᵀ` with `W [n, k]` in `dtype`, best of `repeats`.
@@ -65,7 +85,7 @@ pub fn matmul_gflops(
     let Ok(host) = HostMatrix::new(dtype, n, k, &bytes) else {
         return 0.0;
     };
-    let w = pool.install(|| PackedMatrix::from_host(&host));
+    let w = PackedMatrix::from_host(&host, &WeightArena::new());
     let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32) * 0.01).collect();
     let mut out = vec![0f32; m * n];
     let mut best = f64::INFINITY;

@@ -10,8 +10,8 @@
 use std::sync::OnceLock;
 
 use myriad::local::LocalEngine;
-use myriad_attention::{Request, SamplingParams};
-use myriad_kernels::SeqSpan;
+use myriad_attention::{Request, SamplingParams, Trace};
+use myriad_kernels::{Routes, SeqSpan};
 use myriad_tests::{engine, fixture, max_abs_diff};
 use proptest::prelude::*;
 
@@ -27,11 +27,38 @@ fn tokens(seed: u64, len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Logits of every position when `toks` is fed in chunks of the given sizes.
-fn chunked_logits(e: &LocalEngine, toks: &[u32], cuts: &[usize]) -> Vec<f32> {
+/// Router logits and chosen experts of every (layer, token), in token order.
+#[derive(Default)]
+struct Routing {
+    logits: Vec<Vec<f32>>,
+    chosen: Vec<Vec<Vec<u32>>>,
+}
+
+impl Trace for Routing {
+    fn router_logits(&mut self, l: usize, x: &[f32]) {
+        if self.logits.len() <= l {
+            self.logits.resize(l + 1, Vec::new());
+        }
+        self.logits[l].extend_from_slice(x);
+    }
+    fn routes(&mut self, l: usize, r: &Routes) {
+        if self.chosen.len() <= l {
+            self.chosen.resize(l + 1, Vec::new());
+        }
+        for i in 0..r.rows() {
+            let mut e = r.row(i).0.to_vec();
+            e.sort_unstable();
+            self.chosen[l].push(e);
+        }
+    }
+}
+
+/// Logits of every position when `toks` is fed in chunks of the given sizes, and the routing.
+fn chunked_logits(e: &LocalEngine, toks: &[u32], cuts: &[usize]) -> (Vec<f32>, Routing) {
     let model = e.engine.model();
     let mut seq = model.new_sequence();
     let mut out = Vec::new();
+    let mut routing = Routing::default();
     let mut done = 0;
     let mut sizes = cuts.iter().copied().chain(std::iter::repeat(1));
     while done < toks.len() {
@@ -44,19 +71,44 @@ fn chunked_logits(e: &LocalEngine, toks: &[u32], cuts: &[usize]) -> Vec<f32> {
         let rows: Vec<usize> = (0..n).collect();
         out.extend(
             model
-                .forward(&toks[done..done + n], &spans, &mut [&mut seq], &rows, None)
+                .forward(
+                    &toks[done..done + n],
+                    &spans,
+                    &mut [&mut seq],
+                    &rows,
+                    Some(&mut routing),
+                )
                 .unwrap(),
         );
         done += n;
     }
-    out
+    (out, routing)
+}
+
+/// The gap between the k-th and (k+1)-th router logits at the first (token, layer), in causal
+/// order, where two runs chose different experts; None if they never did.
+fn first_routing_difference(a: &Routing, b: &Routing, experts: usize, k: usize) -> Option<f32> {
+    let tokens = a.chosen.first().map_or(0, Vec::len);
+    for t in 0..tokens {
+        for l in 0..a.chosen.len() {
+            if a.chosen[l][t] != b.chosen[l][t] {
+                let mut row = a.logits[l][t * experts..(t + 1) * experts].to_vec();
+                row.sort_by(|x, y| y.total_cmp(x));
+                return Some(row[k - 1] - row[k]);
+            }
+        }
+    }
+    None
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
     /// Any chunking of a sequence, including prefill followed by single-token decode steps,
-    /// matches one pass over it.
+    /// matches one pass over it. Top-k routing is discontinuous: where the k-th and (k+1)-th
+    /// router logits are within float32 rounding of each other, the two evaluation orders may
+    /// legitimately pick different experts (the fixtures avoid this by redrawing prompts whose
+    /// gaps are below 1e-4); such inputs are discarded, any other difference fails.
     #[test]
     fn chunked_prefill_and_decode_match_one_pass(
         seed in any::<u64>(),
@@ -65,8 +117,12 @@ proptest! {
     ) {
         let e = shared();
         let toks = tokens(seed, len, e.config.vocab_size);
-        let one = chunked_logits(e, &toks, &[len]);
-        let pieces = chunked_logits(e, &toks, &cuts);
+        let (one, ra) = chunked_logits(e, &toks, &[len]);
+        let (pieces, rb) = chunked_logits(e, &toks, &cuts);
+        if let Some(gap) = first_routing_difference(&ra, &rb, e.config.num_experts, e.config.num_experts_per_tok) {
+            prop_assert!(gap < 1e-4, "routing differs where the top-k gap is {gap}, with cuts {cuts:?}");
+            prop_assume!(false, "router near-tie");
+        }
         let d = max_abs_diff(&one, &pieces);
         prop_assert!(d < 1e-3, "max logit difference {d} with cuts {cuts:?}");
     }
@@ -155,7 +211,7 @@ fn prompt_logprobs_match_the_forward_pass() {
     let lps = out.logprobs.unwrap();
     assert_eq!(lps.len(), p.len());
     assert!(lps[0].is_none());
-    let logits = chunked_logits(e, &p, &[p.len()]);
+    let (logits, _) = chunked_logits(e, &p, &[p.len()]);
     let v = e.config.vocab_size;
     for i in 1..p.len() {
         let lp = myriad_attention::sampling::log_softmax(&logits[(i - 1) * v..i * v]);

@@ -293,7 +293,7 @@ mod tests {
                         WeightDtype::F32 => wv.iter().flat_map(|v| v.to_le_bytes()).collect(),
                     };
                     let host = HostMatrix::new(dtype, n, k, &bytes).expect("sizes");
-                    let w = PackedMatrix::from_host(&host);
+                    let w = PackedMatrix::from_host(&host, &crate::cpu::arena::WeightArena::new());
                     let want = naive(&a, m, k, &w);
                     let mut c = vec![1.0f32; m * n];
                     gemm(isa, Precision::F32, m, &a, k, w.view(), &mut c, n, false);
@@ -325,6 +325,7 @@ mod tests {
                     .collect();
                 let w = PackedMatrix::from_host(
                     &HostMatrix::new(WeightDtype::BF16, n, k, &bytes).expect("sizes"),
+                    &crate::cpu::arena::WeightArena::new(),
                 );
                 let rounded: Vec<f32> = a.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
                 let want = naive(&rounded, m, k, &w);

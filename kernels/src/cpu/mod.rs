@@ -1,6 +1,7 @@
 //! The CPU backend: f32 activations in `Vec`s, weights packed into panels (bf16 or f32),
 //! kernels specialised per instruction set, work split over a fixed pool of threads.
 
+pub mod arena;
 mod attention;
 mod delta_rule;
 mod deltanet;
@@ -75,7 +76,7 @@ pub enum CpuMatrix {
         dtype: WeightDtype,
         rows: usize,
         cols: usize,
-        data: packed::AlignedBuf,
+        data: arena::Region,
     },
 }
 
@@ -91,6 +92,8 @@ impl CpuMatrix {
 /// The CPU compute backend.
 pub struct CpuBackend {
     pool: Pool,
+    /// Huge-page backed memory for prepared weights.
+    arena: arena::WeightArena,
     isa: Isa,
     precision: Precision,
 }
@@ -100,6 +103,7 @@ impl CpuBackend {
     pub fn new(threads: usize) -> Self {
         CpuBackend {
             pool: Pool::new(threads),
+            arena: arena::WeightArena::new(),
             isa: Isa::detect(),
             precision: Precision::F32,
         }
@@ -151,10 +155,6 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn run_step<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
-    }
-
     fn zeros(&self, rows: usize, cols: usize) -> CpuTensor {
         CpuTensor::new(rows, cols, vec![0.0; rows * cols])
     }
@@ -190,11 +190,9 @@ impl Backend for CpuBackend {
     fn matrix(&self, host: HostMatrix<'_>, usage: MatrixUse) -> Result<CpuMatrix, KernelError> {
         let host = HostMatrix::new(host.dtype, host.rows, host.cols, host.data)?;
         Ok(match usage {
-            MatrixUse::Linear => {
-                CpuMatrix::Packed(self.pool.install(|| PackedMatrix::from_host(&host)))
-            }
+            MatrixUse::Linear => CpuMatrix::Packed(PackedMatrix::from_host(&host, &self.arena)),
             MatrixUse::Lookup => {
-                let mut data = packed::AlignedBuf::zeroed(host.data.len());
+                let mut data = self.arena.alloc(host.data.len());
                 data.as_mut_slice::<u8>().copy_from_slice(host.data);
                 CpuMatrix::Rows {
                     dtype: host.dtype,

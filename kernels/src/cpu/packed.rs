@@ -12,74 +12,11 @@
 
 use half::bf16;
 
+use super::arena::{Region, WeightArena};
 use crate::{HostMatrix, WeightDtype};
 
 /// Output rows per panel.
 pub const NR: usize = 32;
-
-/// A 64-byte aligned, zero-initialised byte buffer.
-pub struct AlignedBuf {
-    lines: Vec<Line>,
-    len: usize,
-}
-
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
-impl AlignedBuf {
-    pub fn zeroed(len: usize) -> Self {
-        AlignedBuf {
-            lines: vec![Line([0; 64]); len.div_ceil(64)],
-            len,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn as_ptr(&self) -> *const u8 {
-        self.lines.as_ptr().cast()
-    }
-
-    pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.lines.as_mut_ptr().cast()
-    }
-
-    /// The buffer as a slice of `T` (which must be plain data with alignment ≤ 64).
-    pub fn as_slice<T: bytemuck_like::Pod>(&self) -> &[T] {
-        // SAFETY: the buffer is 64-byte aligned, holds `len` initialised bytes, and `T` is one
-        // of the plain-data element types below.
-        unsafe { std::slice::from_raw_parts(self.as_ptr().cast(), self.len / size_of::<T>()) }
-    }
-
-    pub fn as_mut_slice<T: bytemuck_like::Pod>(&mut self) -> &mut [T] {
-        // SAFETY: as for `as_slice`, and we hold the only reference.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.as_mut_ptr().cast(), self.len / size_of::<T>())
-        }
-    }
-}
-
-/// The element types a packed buffer may be viewed as.
-pub mod bytemuck_like {
-    /// Plain data: any bit pattern is valid and alignment is at most 64.
-    ///
-    /// # Safety
-    /// Implement only for integer and float primitives.
-    pub unsafe trait Pod: Copy {}
-    // SAFETY: primitives with no invalid bit patterns.
-    unsafe impl Pod for u16 {}
-    // SAFETY: as above.
-    unsafe impl Pod for f32 {}
-    // SAFETY: as above.
-    unsafe impl Pod for u8 {}
-}
 
 /// A weight matrix in panel layout.
 pub struct PackedMatrix {
@@ -88,7 +25,7 @@ pub struct PackedMatrix {
     pub n: usize,
     /// Input features (columns of `W`).
     pub k: usize,
-    buf: AlignedBuf,
+    buf: Region,
 }
 
 impl PackedMatrix {
@@ -117,12 +54,12 @@ impl PackedMatrix {
         }
     }
 
-    /// Packs a host matrix, splitting the work over rayon's current pool.
-    pub fn from_host(m: &HostMatrix<'_>) -> PackedMatrix {
+    /// Packs a host matrix into memory from `arena`, splitting the work over rayon's pool.
+    pub fn from_host(m: &HostMatrix<'_>, arena: &WeightArena) -> PackedMatrix {
         let (n, k, es) = (m.rows, m.cols, m.dtype.size());
         let panels = n.div_ceil(NR);
         let per_panel = Self::panel_elems(m.dtype, k);
-        let mut buf = AlignedBuf::zeroed(panels * per_panel * es);
+        let mut buf = arena.alloc(panels * per_panel * es);
         use rayon::prelude::*;
         let dst = buf.as_mut_slice::<u8>();
         dst.par_chunks_mut((per_panel * es).max(1))
@@ -195,7 +132,7 @@ impl PackedMatrix {
             dtype,
             n,
             k,
-            buf: AlignedBuf::zeroed(bytes),
+            buf: Region::standalone(bytes),
         }
     }
 
@@ -320,7 +257,7 @@ mod tests {
             .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
             .collect();
         let host = HostMatrix::new(WeightDtype::BF16, n, k, &bytes).expect("sizes match");
-        let p = PackedMatrix::from_host(&host);
+        let p = PackedMatrix::from_host(&host, &WeightArena::new());
         assert_eq!(p.panels(), 3);
         for r in 0..n {
             for c in 0..k {
