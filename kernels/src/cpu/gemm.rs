@@ -147,21 +147,31 @@ pub unsafe fn gemm_raw(
             }
         };
         let a_elem = if dot { 2 } else { 4 };
-        for p in 0..w.panels() {
-            let ncols = NR.min(w.n() - p * NR);
+        let tile_at = |p: usize, i: usize| Tile {
+            k,
+            a: a_blk.wrapping_add(i * lda_blk * a_elem),
+            lda: lda_blk,
+            b: w.panel_ptr(p),
+            c: c.wrapping_add((r0 + i) * ldc + p * NR),
+            ldc,
+            ncols: NR.min(w.n() - p * NR),
+            accumulate,
+        };
+        // Few rows are memory-bound: stream two panels at once (same arithmetic per output).
+        let paired =
+            !dot && rows <= PAIRED_ROWS && dtype == WeightDtype::BF16 && isa == Isa::Avx512;
+        let mut p = 0;
+        while p < w.panels() {
+            if paired && p + 1 < w.panels() {
+                // SAFETY: both tiles lie inside the region the caller vouched for.
+                unsafe { run_tile_pair(rows, &tile_at(p, 0), &tile_at(p + 1, 0)) };
+                p += 2;
+                continue;
+            }
             let mut i = 0;
             while i < rows {
                 let mr = mr_max.min(rows - i);
-                let tile = Tile {
-                    k,
-                    a: a_blk.wrapping_add(i * lda_blk * a_elem),
-                    lda: lda_blk,
-                    b: w.panel_ptr(p),
-                    c: c.wrapping_add((r0 + i) * ldc + p * NR),
-                    ldc,
-                    ncols,
-                    accumulate,
-                };
+                let tile = tile_at(p, i);
                 // SAFETY: the tile lies inside the region the caller vouched for.
                 unsafe {
                     if dot {
@@ -172,6 +182,7 @@ pub unsafe fn gemm_raw(
                 };
                 i += mr;
             }
+            p += 1;
         }
         r0 += rows;
     }
@@ -218,6 +229,20 @@ pub fn gemm(
             accumulate,
         )
     }
+}
+
+/// Row blocks up to this height use paired-panel tiles.
+const PAIRED_ROWS: usize = 4;
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn run_tile_pair(mr: usize, t: &Tile, t2: &Tile) {
+    // SAFETY: only called with `Isa::Avx512`; the tiles are in bounds (caller).
+    unsafe { super::ukernel_avx512::tile_pair_bf16(mr, t, t2) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn run_tile_pair(_mr: usize, _t: &Tile, _t2: &Tile) {
+    unreachable!("paired tiles are AVX-512 only")
 }
 
 #[cfg(target_arch = "x86_64")]

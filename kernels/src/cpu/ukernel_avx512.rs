@@ -117,6 +117,90 @@ unsafe fn tile_bf16<const MR: usize>(t: &Tile) {
     store_tile!(t, c0, c1, MR);
 }
 
+/// Two panels at once for few rows: `t.b` and `t2.b` are adjacent panels of the same rows (t2's
+/// tile is to the right of t's). Each output's arithmetic is exactly [`tile_bf16`]'s; the second
+/// panel only adds independent dependency chains, so a one-row GEMV keeps more loads in flight.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
+unsafe fn tile_bf16_x2<const MR: usize>(t: &Tile, t2: &Tile) {
+    let a = t.a.cast::<f32>();
+    let (b, b2) = (t.b.cast::<__m512i>(), t2.b.cast::<__m512i>());
+    let hi = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+    let mut c0 = [_mm512_setzero_ps(); MR];
+    let mut c1 = [_mm512_setzero_ps(); MR];
+    let mut d0 = [_mm512_setzero_ps(); MR];
+    let mut d1 = [_mm512_setzero_ps(); MR];
+    let pairs = t.k / 2;
+    for q in 0..pairs {
+        // SAFETY: pair q < k/2 lies inside both panels.
+        let (v0, v1, u0, u1) = unsafe {
+            (
+                _mm512_loadu_si512(b.add(2 * q)),
+                _mm512_loadu_si512(b.add(2 * q + 1)),
+                _mm512_loadu_si512(b2.add(2 * q)),
+                _mm512_loadu_si512(b2.add(2 * q + 1)),
+            )
+        };
+        let (e0, o0) = (
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v0)),
+            _mm512_castsi512_ps(_mm512_and_si512(v0, hi)),
+        );
+        let (e1, o1) = (
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v1)),
+            _mm512_castsi512_ps(_mm512_and_si512(v1, hi)),
+        );
+        let (f0, p0) = (
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(u0)),
+            _mm512_castsi512_ps(_mm512_and_si512(u0, hi)),
+        );
+        let (f1, p1) = (
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(u1)),
+            _mm512_castsi512_ps(_mm512_and_si512(u1, hi)),
+        );
+        for i in 0..MR {
+            // SAFETY: columns 2q and 2q+1 < k of row i lie inside A.
+            let (x0, x1) = unsafe { (*a.add(i * t.lda + 2 * q), *a.add(i * t.lda + 2 * q + 1)) };
+            let (a0, a1) = (_mm512_set1_ps(x0), _mm512_set1_ps(x1));
+            c0[i] = _mm512_fmadd_ps(a0, e0, c0[i]);
+            c1[i] = _mm512_fmadd_ps(a0, e1, c1[i]);
+            d0[i] = _mm512_fmadd_ps(a0, f0, d0[i]);
+            d1[i] = _mm512_fmadd_ps(a0, f1, d1[i]);
+            c0[i] = _mm512_fmadd_ps(a1, o0, c0[i]);
+            c1[i] = _mm512_fmadd_ps(a1, o1, c1[i]);
+            d0[i] = _mm512_fmadd_ps(a1, p0, d0[i]);
+            d1[i] = _mm512_fmadd_ps(a1, p1, d1[i]);
+        }
+    }
+    if t.k % 2 == 1 {
+        // SAFETY: the padded pair is part of both panels.
+        let (v0, v1, u0, u1) = unsafe {
+            (
+                _mm512_loadu_si512(b.add(2 * pairs)),
+                _mm512_loadu_si512(b.add(2 * pairs + 1)),
+                _mm512_loadu_si512(b2.add(2 * pairs)),
+                _mm512_loadu_si512(b2.add(2 * pairs + 1)),
+            )
+        };
+        let (e0, e1) = (
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v0)),
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v1)),
+        );
+        let (f0, f1) = (
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(u0)),
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(u1)),
+        );
+        for i in 0..MR {
+            // SAFETY: column k-1 of row i lies inside A.
+            let a0 = _mm512_set1_ps(unsafe { *a.add(i * t.lda + t.k - 1) });
+            c0[i] = _mm512_fmadd_ps(a0, e0, c0[i]);
+            c1[i] = _mm512_fmadd_ps(a0, e1, c1[i]);
+            d0[i] = _mm512_fmadd_ps(a0, f0, d0[i]);
+            d1[i] = _mm512_fmadd_ps(a0, f1, d1[i]);
+        }
+    }
+    store_tile!(t, c0, c1, MR);
+    store_tile!(t2, d0, d1, MR);
+}
+
 /// bf16 × bf16 products accumulated in f32. `t.a` points at bf16 pairs (row stride `t.lda`
 /// in bf16 elements, k padded with a zero to even).
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
@@ -184,6 +268,23 @@ pub(crate) unsafe fn tile(dtype: WeightDtype, mr: usize, t: &Tile) {
     match dtype {
         WeightDtype::BF16 => by_rows!(tile_bf16, mr, t),
         WeightDtype::F32 => by_rows!(tile_f32, mr, t),
+    }
+}
+
+/// Runs two adjacent bf16 panels for `mr ≤ 4` rows of f32 activations (see [`tile_bf16_x2`]).
+///
+/// # Safety
+/// AVX-512 must be available and both tiles must lie inside valid memory.
+pub(crate) unsafe fn tile_pair_bf16(mr: usize, t: &Tile, t2: &Tile) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match mr {
+            1 => tile_bf16_x2::<1>(t, t2),
+            2 => tile_bf16_x2::<2>(t, t2),
+            3 => tile_bf16_x2::<3>(t, t2),
+            4 => tile_bf16_x2::<4>(t, t2),
+            _ => unreachable!("paired tiles take at most 4 rows"),
+        }
     }
 }
 
