@@ -9,7 +9,7 @@
 use myriad_kernels::{Backend, SeqSpan};
 
 use crate::error::EngineError;
-use crate::forward::Model;
+use crate::forward::{Batch, Model};
 use crate::rng::Rng;
 use crate::sampling::{SamplingParams, TokenLogprob, log_softmax, sample, top_logprobs};
 use crate::state::SequenceState;
@@ -21,6 +21,9 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Most sequences running at once; further requests wait.
     pub max_seqs: usize,
+    /// Split each step into two micro-batches that take turns (one's attention runs while the
+    /// other's routed experts are in flight). Pays off when experts are remote.
+    pub ping_pong: bool,
 }
 
 impl Default for EngineConfig {
@@ -28,6 +31,7 @@ impl Default for EngineConfig {
         EngineConfig {
             max_batch_tokens: 2048,
             max_seqs: 256,
+            ping_pong: false,
         }
     }
 }
@@ -114,6 +118,94 @@ struct Active<B: Backend> {
     prefilled: usize,
     out: Completion,
     done: bool,
+}
+
+/// One micro-batch of a step: its sequences (indices into the active list), packed tokens,
+/// spans, the rows whose logits are needed and what each of those rows is for.
+struct StepPart {
+    members: Vec<usize>,
+    tokens: Vec<u32>,
+    spans: Vec<SeqSpan>,
+    rows: Vec<usize>,
+    uses: Vec<RowUse>,
+}
+
+impl StepPart {
+    /// Packs `shares` ((active index, tokens this step)) into one micro-batch.
+    fn build<B: Backend>(
+        requests: &[Request],
+        active: &[Active<B>],
+        shares: &[(usize, usize)],
+    ) -> StepPart {
+        let mut p = StepPart {
+            members: Vec::new(),
+            tokens: Vec::new(),
+            spans: Vec::new(),
+            rows: Vec::new(),
+            uses: Vec::new(),
+        };
+        for &(ai, take) in shares {
+            let a = &active[ai];
+            let r = &requests[a.index];
+            let m = p.members.len();
+            let start = p.tokens.len();
+            if a.prefilled == r.prompt.len() {
+                // A decoding sequence feeds back its last token (take is 1 then).
+                p.tokens.extend(a.out.token_ids.last().copied());
+                p.rows.push(start);
+                p.uses.push(RowUse::Next(m));
+            } else {
+                p.tokens
+                    .extend_from_slice(&r.prompt[a.prefilled..a.prefilled + take]);
+                let want_prompt_lp = r.echo && r.logprobs.is_some();
+                for j in 0..take {
+                    let pos = a.prefilled + j;
+                    if pos + 1 < r.prompt.len() {
+                        if want_prompt_lp {
+                            p.rows.push(start + j);
+                            p.uses.push(RowUse::Prompt(m, pos + 1));
+                        }
+                    } else if r.max_tokens > 0 {
+                        p.rows.push(start + j);
+                        p.uses.push(RowUse::Next(m));
+                    }
+                }
+            }
+            p.spans.push(SeqSpan {
+                start,
+                len: p.tokens.len() - start,
+                past: a.state.len(),
+            });
+            p.members.push(ai);
+        }
+        p
+    }
+}
+
+/// Disjoint mutable borrows of the states of each part's members, in member order.
+fn disjoint_states<'a, B: Backend>(
+    active: &'a mut [Active<B>],
+    parts: &[StepPart],
+) -> Vec<Vec<&'a mut SequenceState<B>>> {
+    let mut owner: Vec<Option<(usize, usize)>> = vec![None; active.len()];
+    for (pi, p) in parts.iter().enumerate() {
+        for (m, &ai) in p.members.iter().enumerate() {
+            owner[ai] = Some((pi, m));
+        }
+    }
+    let mut slots: Vec<Vec<Option<&'a mut SequenceState<B>>>> = parts
+        .iter()
+        .map(|p| (0..p.members.len()).map(|_| None).collect())
+        .collect();
+    for (a, o) in active.iter_mut().zip(&owner) {
+        if let Some((pi, m)) = *o {
+            slots[pi][m] = Some(&mut a.state);
+        }
+    }
+    slots
+        .into_iter()
+        .map(|v| v.into_iter().flatten().collect())
+        .collect()
 }
 
 /// What a row of logits is for.
@@ -221,12 +313,6 @@ impl<B: Backend> Engine<B> {
 
     /// One forward step over every unfinished sequence.
     fn step(&self, requests: &[Request], active: &mut [Active<B>]) -> Result<(), EngineError> {
-        let mut budget = self.config.max_batch_tokens.max(1);
-        let mut tokens = Vec::new();
-        let mut spans = Vec::new();
-        let mut members = Vec::new();
-        let mut rows = Vec::new();
-        let mut uses = Vec::new();
         // Decoding sequences first: each costs one token and must not wait behind prefills.
         let order: Vec<usize> = {
             let (dec, pre): (Vec<usize>, Vec<usize>) = (0..active.len())
@@ -234,98 +320,117 @@ impl<B: Backend> Engine<B> {
                 .partition(|&i| active[i].prefilled == requests[active[i].index].prompt.len());
             dec.into_iter().chain(pre).collect()
         };
+        // Tokens each sequence contributes this step, within the budget.
+        let mut budget = self.config.max_batch_tokens.max(1);
+        let mut shares: Vec<(usize, usize)> = Vec::new();
         for ai in order {
             if budget == 0 {
                 break;
             }
             let a = &active[ai];
             let r = &requests[a.index];
-            let start = tokens.len();
-            let past = a.state.len();
-            if a.prefilled == r.prompt.len() {
-                let Some(&last) = a.out.token_ids.last() else {
-                    continue;
-                };
-                tokens.push(last);
-                rows.push(start);
-                uses.push(RowUse::Next(members.len()));
+            let take = if a.prefilled == r.prompt.len() {
+                usize::from(!a.out.token_ids.is_empty())
             } else {
-                let take = (r.prompt.len() - a.prefilled).min(budget);
-                let chunk = &r.prompt[a.prefilled..a.prefilled + take];
-                tokens.extend_from_slice(chunk);
-                let want_prompt_lp = r.echo && r.logprobs.is_some();
-                for j in 0..take {
-                    let pos = a.prefilled + j;
-                    if pos + 1 < r.prompt.len() {
-                        if want_prompt_lp {
-                            rows.push(start + j);
-                            uses.push(RowUse::Prompt(members.len(), pos + 1));
-                        }
-                    } else if r.max_tokens > 0 {
-                        rows.push(start + j);
-                        uses.push(RowUse::Next(members.len()));
-                    }
-                }
+                (r.prompt.len() - a.prefilled).min(budget)
+            };
+            if take > 0 {
+                budget -= take;
+                shares.push((ai, take));
             }
-            let len = tokens.len() - start;
-            budget -= len;
-            spans.push(SeqSpan { start, len, past });
-            members.push(ai);
         }
-        if members.is_empty() {
+        if shares.is_empty() {
             return Ok(());
         }
-        let logits = {
-            let mut member_of = vec![None; active.len()];
-            for (m, &ai) in members.iter().enumerate() {
-                member_of[ai] = Some(m);
-            }
-            let mut slots: Vec<Option<&mut SequenceState<B>>> =
-                (0..members.len()).map(|_| None).collect();
-            for (a, m) in active.iter_mut().zip(&member_of) {
-                if let Some(m) = m {
-                    slots[*m] = Some(&mut a.state);
+        // Ping-pong: two micro-batches of about equal tokens.
+        let parts: Vec<Vec<(usize, usize)>> = if self.config.ping_pong && shares.len() >= 2 {
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            let (mut tx, mut ty) = (0, 0);
+            for s in shares {
+                if tx <= ty {
+                    tx += s.1;
+                    x.push(s);
+                } else {
+                    ty += s.1;
+                    y.push(s);
                 }
             }
-            let mut seqs: Vec<&mut SequenceState<B>> = slots.into_iter().flatten().collect();
-            self.model
-                .forward(&tokens, &spans, &mut seqs, &rows, None)?
+            vec![x, y]
+        } else {
+            vec![shares]
+        };
+        let built: Vec<StepPart> = parts
+            .iter()
+            .map(|p| StepPart::build(requests, active, p))
+            .collect();
+        let logits: Vec<Vec<f32>> = {
+            let mut seqs = disjoint_states(active, &built);
+            match (built.as_slice(), seqs.as_mut_slice()) {
+                ([one], [s1]) => {
+                    vec![
+                        self.model
+                            .forward(&one.tokens, &one.spans, s1, &one.rows, None)?,
+                    ]
+                }
+                ([p1, p2], [s1, s2]) => {
+                    let (l1, l2) = self.model.forward_pingpong(
+                        Batch {
+                            tokens: &p1.tokens,
+                            spans: &p1.spans,
+                            seqs: s1,
+                            logit_rows: &p1.rows,
+                        },
+                        Batch {
+                            tokens: &p2.tokens,
+                            spans: &p2.spans,
+                            seqs: s2,
+                            logit_rows: &p2.rows,
+                        },
+                    )?;
+                    vec![l1, l2]
+                }
+                _ => {
+                    return Err(EngineError::Batch(
+                        "a step has one or two micro-batches".into(),
+                    ));
+                }
+            }
         };
         let vocab = self.model.config().vocab_size;
-        for (m, &ai) in members.iter().enumerate() {
-            let span = spans[m];
-            let a = &mut active[ai];
-            let r = &requests[a.index];
-            if a.prefilled < r.prompt.len() {
-                a.prefilled += span.len;
+        for (part, part_logits) in built.iter().zip(&logits) {
+            for (&ai, span) in part.members.iter().zip(&part.spans) {
+                let a = &mut active[ai];
+                if a.prefilled < requests[a.index].prompt.len() {
+                    a.prefilled += span.len;
+                }
             }
-        }
-        for (row_logits, u) in logits.chunks_exact(vocab).zip(uses) {
-            match u {
-                RowUse::Prompt(m, i) => {
-                    let a = &mut active[members[m]];
-                    let r = &requests[a.index];
-                    let lp = log_softmax(row_logits);
-                    let tok = r.prompt[i];
-                    if let Some(v) = a.out.logprobs.as_mut() {
-                        v.push(Some(PositionLogprobs {
-                            token_id: tok,
-                            logprob: lp[tok as usize],
-                            top: top_logprobs(&lp, r.logprobs.unwrap_or(0)),
-                        }));
+            for (row_logits, u) in part_logits.chunks_exact(vocab).zip(&part.uses) {
+                match *u {
+                    RowUse::Prompt(m, i) => {
+                        let a = &mut active[part.members[m]];
+                        let r = &requests[a.index];
+                        let lp = log_softmax(row_logits);
+                        let tok = r.prompt[i];
+                        if let Some(v) = a.out.logprobs.as_mut() {
+                            v.push(Some(PositionLogprobs {
+                                token_id: tok,
+                                logprob: lp[tok as usize],
+                                top: top_logprobs(&lp, r.logprobs.unwrap_or(0)),
+                            }));
+                        }
+                    }
+                    RowUse::Next(m) => {
+                        let a = &mut active[part.members[m]];
+                        self.accept(&requests[a.index], a, row_logits);
                     }
                 }
-                RowUse::Next(m) => {
-                    let a = &mut active[members[m]];
-                    self.accept(&requests[a.index], a, row_logits);
-                }
             }
-        }
-        for &ai in &members {
-            let a = &mut active[ai];
-            let r = &requests[a.index];
-            if a.prefilled == r.prompt.len() && r.max_tokens == 0 {
-                a.done = true;
+            for &ai in &part.members {
+                let a = &mut active[ai];
+                let r = &requests[a.index];
+                if a.prefilled == r.prompt.len() && r.max_tokens == 0 {
+                    a.done = true;
+                }
             }
         }
         Ok(())

@@ -11,12 +11,37 @@ use std::sync::Arc;
 use myriad_kernels::{Backend, SeqSpan};
 use myriad_model::checkpoint::Checkpoint;
 use myriad_model::config::{LayerKind, ModelConfig};
-use myriad_model::moe::ExpertExecutor;
+use myriad_model::moe::{ExpertExecutor, ExpertTicket};
 
 use crate::error::EngineError;
 use crate::state::{LayerState, SequenceState};
 use crate::trace::Trace;
 use crate::weights::{DenseWeights, MixerWeights, attention_dims, deltanet_dims};
+
+/// One forward step's input: new tokens of several sequences, packed.
+pub struct Batch<'s, 'q, B: Backend> {
+    pub tokens: &'s [u32],
+    pub spans: &'s [SeqSpan],
+    pub seqs: &'s mut [&'q mut SequenceState<B>],
+    /// Rows of `tokens` whose logits are wanted.
+    pub logit_rows: &'s [usize],
+}
+
+/// A batch moving through the layers.
+struct Lane<'s, 'q, B: Backend> {
+    batch: Batch<'s, 'q, B>,
+    /// Residual stream.
+    x: B::Tensor,
+    /// Normalised input of the next mixer.
+    u: B::Tensor,
+    /// The current layer's routed experts in flight.
+    pending: Option<PendingMoe<B>>,
+}
+
+struct PendingMoe<B: Backend> {
+    v: B::Tensor,
+    ticket: Box<dyn ExpertTicket<B>>,
+}
 
 /// The attention side of a model plus a way to reach its routed experts.
 pub struct Model<B: Backend> {
@@ -92,129 +117,220 @@ impl<B: Backend> Model<B> {
         spans: &[SeqSpan],
         seqs: &mut [&mut SequenceState<B>],
         logit_rows: &[usize],
-        trace: Option<&mut dyn Trace>,
-    ) -> Result<Vec<f32>, EngineError> {
-        self.check_batch(tokens, spans, seqs, logit_rows)?;
-        self.step(tokens, spans, seqs, logit_rows, trace)
-    }
-
-    fn step(
-        &self,
-        tokens: &[u32],
-        spans: &[SeqSpan],
-        seqs: &mut [&mut SequenceState<B>],
-        logit_rows: &[usize],
         mut trace: Option<&mut dyn Trace>,
     ) -> Result<Vec<f32>, EngineError> {
-        let b = &*self.backend;
-        let c = &self.config;
-        let (n, h) = (tokens.len(), c.hidden_size);
-        let eps = c.rms_norm_eps as f32;
-        let w = &self.weights;
+        self.check_batch(tokens, spans, seqs, logit_rows)?;
+        let mut lane = self.start(
+            Batch {
+                tokens,
+                spans,
+                seqs,
+                logit_rows,
+            },
+            &mut trace,
+        )?;
+        for l in 0..self.weights.layers.len() {
+            self.attend(&mut lane, l, &mut trace)?;
+            self.finish_moe(&mut lane, l, &mut trace)?;
+        }
+        self.logits(lane, &mut trace)
+    }
 
+    /// Runs two batches of distinct sequences as ping-pong micro-batches (MegaScale-Infer):
+    /// while one micro-batch's routed experts are in flight, the other computes its attention
+    /// and shared expert, so the expert round trip hides behind local work. Each batch's
+    /// results are exactly what [`Model::forward`] gives it alone.
+    pub fn forward_pingpong(
+        &self,
+        a: Batch<'_, '_, B>,
+        b: Batch<'_, '_, B>,
+    ) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
+        self.check_batch(a.tokens, a.spans, a.seqs, a.logit_rows)?;
+        self.check_batch(b.tokens, b.spans, b.seqs, b.logit_rows)?;
+        let none = &mut None;
+        let mut la = self.start(a, none)?;
+        let mut lb = self.start(b, none)?;
+        let layers = self.weights.layers.len();
+        self.attend(&mut la, 0, none)?;
+        self.attend(&mut lb, 0, none)?;
+        for l in 0..layers {
+            self.finish_moe(&mut la, l, none)?;
+            if l + 1 < layers {
+                self.attend(&mut la, l + 1, none)?;
+            }
+            self.finish_moe(&mut lb, l, none)?;
+            if l + 1 < layers {
+                self.attend(&mut lb, l + 1, none)?;
+            }
+        }
+        Ok((self.logits(la, none)?, self.logits(lb, none)?))
+    }
+
+    /// Embeds a batch and normalises it for the first mixer.
+    fn start<'s, 'q>(
+        &self,
+        batch: Batch<'s, 'q, B>,
+        trace: &mut Option<&mut dyn Trace>,
+    ) -> Result<Lane<'s, 'q, B>, EngineError> {
+        let b = &*self.backend;
+        let (n, h) = (batch.tokens.len(), self.config.hidden_size);
         let mut x = b.zeros(n, h);
-        b.embed(&w.embed, tokens, &mut x)?;
-        if let Some(t) = tensors(&mut trace) {
+        b.embed(&self.weights.embed, batch.tokens, &mut x)?;
+        if let Some(t) = tensors(trace) {
             t.embeddings(&b.download(&x));
         }
         let mut u = b.zeros(n, h);
-        b.rms_norm(&x, &w.layers[0].input_norm, eps, &mut u);
+        b.rms_norm(&x, &self.weights.layers[0].input_norm, self.eps(), &mut u);
+        Ok(Lane {
+            batch,
+            x,
+            u,
+            pending: None,
+        })
+    }
 
-        for (l, lw) in w.layers.iter().enumerate() {
-            // Mixer: fused input projection, the mixer over each sequence's state, output projection.
-            let mut mixed = b.zeros(n, h);
-            let (in_proj, out_proj) = match &lw.mixer {
-                MixerWeights::DeltaNet {
-                    in_proj, out_proj, ..
-                } => (in_proj, out_proj),
-                MixerWeights::Attention {
-                    in_proj, out_proj, ..
-                } => (in_proj, out_proj),
-            };
-            let mut proj = b.zeros(n, b.matrix_shape(in_proj).0);
-            b.matmul(&u, in_proj, &mut proj);
-            let y = match &lw.mixer {
-                MixerWeights::DeltaNet { params, .. } => {
-                    let mut states = layer_states(seqs, l, |s| match s {
-                        LayerState::DeltaNet(d) => Some(d),
-                        LayerState::Attention(_) => None,
-                    })?;
-                    let mut y = b.zeros(n, params.dims.value_dim());
-                    b.gated_deltanet(params, &proj, spans, &mut states, &mut y);
-                    y
-                }
-                MixerWeights::Attention { params, .. } => {
-                    let mut caches = layer_states(seqs, l, |s| match s {
-                        LayerState::Attention(kv) => Some(kv),
-                        LayerState::DeltaNet(_) => None,
-                    })?;
-                    let mut y = b.zeros(n, params.dims.out_dim());
-                    b.gated_attention(params, &proj, spans, &mut caches, &mut y);
-                    y
-                }
-            };
-            b.matmul(&y, out_proj, &mut mixed);
-            if let Some(t) = tensors(&mut trace) {
-                t.mixer_out(l, &b.download(&mixed));
+    /// Layer `l` up to the routed experts: mixer, residual + post-attention norm, router, and
+    /// the routed experts submitted.
+    fn attend(
+        &self,
+        lane: &mut Lane<'_, '_, B>,
+        l: usize,
+        trace: &mut Option<&mut dyn Trace>,
+    ) -> Result<(), EngineError> {
+        let b = &*self.backend;
+        let c = &self.config;
+        let lw = &self.weights.layers[l];
+        let (n, h) = (lane.batch.tokens.len(), c.hidden_size);
+        let spans = lane.batch.spans;
+        // Mixer: fused input projection, the mixer over each sequence's state, output projection.
+        let (in_proj, out_proj) = match &lw.mixer {
+            MixerWeights::DeltaNet {
+                in_proj, out_proj, ..
+            } => (in_proj, out_proj),
+            MixerWeights::Attention {
+                in_proj, out_proj, ..
+            } => (in_proj, out_proj),
+        };
+        let mut proj = b.zeros(n, b.matrix_shape(in_proj).0);
+        b.matmul(&lane.u, in_proj, &mut proj);
+        let y = match &lw.mixer {
+            MixerWeights::DeltaNet { params, .. } => {
+                let mut states = layer_states(lane.batch.seqs, l, |s| match s {
+                    LayerState::DeltaNet(d) => Some(d),
+                    LayerState::Attention(_) => None,
+                })?;
+                let mut y = b.zeros(n, params.dims.value_dim());
+                b.gated_deltanet(params, &proj, spans, &mut states, &mut y);
+                y
             }
-            // x' = x + mixer; v = norm(x').
-            let mut v = b.zeros(n, h);
-            b.add_rms_norm(&mut x, &mixed, &lw.post_norm, eps, &mut v);
-
-            // MoE: route, routed experts (possibly remote), shared expert, combine.
-            let mut logits = b.zeros(n, c.num_experts);
-            b.matmul(&v, &lw.router, &mut logits);
-            let routes = b.route(&logits, c.num_experts_per_tok, c.norm_topk_prob);
-            if let Some(t) = trace.as_deref_mut() {
-                t.routes(l, &routes);
+            MixerWeights::Attention { params, .. } => {
+                let mut caches = layer_states(lane.batch.seqs, l, |s| match s {
+                    LayerState::Attention(kv) => Some(kv),
+                    LayerState::DeltaNet(_) => None,
+                })?;
+                let mut y = b.zeros(n, params.dims.out_dim());
+                b.gated_attention(params, &proj, spans, &mut caches, &mut y);
+                y
             }
-            if let Some(t) = tensors(&mut trace) {
-                t.router_logits(l, &b.download(&logits));
-            }
-            let mut moe = b.zeros(n, h);
-            self.experts.run(l, &v, &routes, &mut moe)?;
-            let is = c.shared_expert_intermediate_size;
-            let mut sgu = b.zeros(n, 2 * is + 1);
-            b.matmul(&v, &lw.shared_gate_up, &mut sgu);
-            let mut act = b.zeros(n, is);
-            b.swiglu(&sgu, &mut act);
-            let mut shared = b.zeros(n, h);
-            b.matmul(&act, &lw.shared_down, &mut shared);
-            b.add_sigmoid_gated(&mut moe, &shared, &sgu, 2 * is);
-            if let Some(t) = tensors(&mut trace) {
-                let g = b.download(&sgu);
-                let gates: Vec<f32> = g
-                    .chunks_exact(2 * is + 1)
-                    .map(|r| 1.0 / (1.0 + (-r[2 * is]).exp()))
-                    .collect();
-                t.shared_expert_gate(l, &gates);
-                t.moe_out(l, &b.download(&moe));
-            }
-            // Residual; the next layer's input norm is fused into the add.
-            if let Some(next) = w.layers.get(l + 1) {
-                b.add_rms_norm(&mut x, &moe, &next.input_norm, eps, &mut u);
-            } else {
-                b.add(&mut x, &moe);
-            }
-            if let Some(t) = tensors(&mut trace) {
-                t.layer_output(l, &b.download(&x));
-            }
+        };
+        let mut mixed = b.zeros(n, h);
+        b.matmul(&y, out_proj, &mut mixed);
+        if let Some(t) = tensors(trace) {
+            t.mixer_out(l, &b.download(&mixed));
         }
-        for (s, seq) in spans.iter().zip(seqs.iter_mut()) {
+        // x' = x + mixer; v = norm(x').
+        let mut v = b.zeros(n, h);
+        b.add_rms_norm(&mut lane.x, &mixed, &lw.post_norm, self.eps(), &mut v);
+        // Route, then start the routed experts (possibly on other nodes).
+        let mut logits = b.zeros(n, c.num_experts);
+        b.matmul(&v, &lw.router, &mut logits);
+        let routes = b.route(&logits, c.num_experts_per_tok, c.norm_topk_prob);
+        if let Some(t) = trace.as_deref_mut() {
+            t.routes(l, &routes);
+        }
+        if let Some(t) = tensors(trace) {
+            t.router_logits(l, &b.download(&logits));
+        }
+        let ticket = self.experts.submit(l, &v, &routes, b.zeros(n, h))?;
+        lane.pending = Some(PendingMoe { v, ticket });
+        Ok(())
+    }
+
+    /// Layer `l` from the routed experts on: the shared expert (computed while the routed
+    /// experts are in flight), the combine, and the residual add fused with the next norm.
+    fn finish_moe(
+        &self,
+        lane: &mut Lane<'_, '_, B>,
+        l: usize,
+        trace: &mut Option<&mut dyn Trace>,
+    ) -> Result<(), EngineError> {
+        let b = &*self.backend;
+        let c = &self.config;
+        let lw = &self.weights.layers[l];
+        let (n, h) = (lane.batch.tokens.len(), c.hidden_size);
+        let Some(PendingMoe { v, ticket }) = lane.pending.take() else {
+            return Err(EngineError::Batch(format!(
+                "layer {l}: no routed experts in flight"
+            )));
+        };
+        let is = c.shared_expert_intermediate_size;
+        let mut sgu = b.zeros(n, 2 * is + 1);
+        b.matmul(&v, &lw.shared_gate_up, &mut sgu);
+        let mut act = b.zeros(n, is);
+        b.swiglu(&sgu, &mut act);
+        let mut shared = b.zeros(n, h);
+        b.matmul(&act, &lw.shared_down, &mut shared);
+        let mut moe = ticket.wait()?;
+        b.add_sigmoid_gated(&mut moe, &shared, &sgu, 2 * is);
+        if let Some(t) = tensors(trace) {
+            let g = b.download(&sgu);
+            let gates: Vec<f32> = g
+                .chunks_exact(2 * is + 1)
+                .map(|r| 1.0 / (1.0 + (-r[2 * is]).exp()))
+                .collect();
+            t.shared_expert_gate(l, &gates);
+            t.moe_out(l, &b.download(&moe));
+        }
+        // Residual; the next layer's input norm is fused into the add.
+        if let Some(next) = self.weights.layers.get(l + 1) {
+            b.add_rms_norm(&mut lane.x, &moe, &next.input_norm, self.eps(), &mut lane.u);
+        } else {
+            b.add(&mut lane.x, &moe);
+        }
+        if let Some(t) = tensors(trace) {
+            t.layer_output(l, &b.download(&lane.x));
+        }
+        Ok(())
+    }
+
+    /// Advances the sequences and computes the requested logits.
+    fn logits(
+        &self,
+        lane: Lane<'_, '_, B>,
+        trace: &mut Option<&mut dyn Trace>,
+    ) -> Result<Vec<f32>, EngineError> {
+        let b = &*self.backend;
+        let c = &self.config;
+        let Lane { batch, x, .. } = lane;
+        for (s, seq) in batch.spans.iter().zip(batch.seqs.iter_mut()) {
             seq.len += s.len;
         }
-        if logit_rows.is_empty() {
+        if batch.logit_rows.is_empty() {
             return Ok(Vec::new());
         }
-        let sel = b.gather_rows(&x, logit_rows);
-        let mut normed = b.zeros(logit_rows.len(), h);
-        b.rms_norm(&sel, &w.final_norm, eps, &mut normed);
-        if let Some(t) = tensors(&mut trace) {
+        let sel = b.gather_rows(&x, batch.logit_rows);
+        let mut normed = b.zeros(batch.logit_rows.len(), c.hidden_size);
+        b.rms_norm(&sel, &self.weights.final_norm, self.eps(), &mut normed);
+        if let Some(t) = tensors(trace) {
             t.final_norm(&b.download(&normed));
         }
-        let mut logits = b.zeros(logit_rows.len(), c.vocab_size);
-        b.matmul(&normed, &w.lm_head, &mut logits);
+        let mut logits = b.zeros(batch.logit_rows.len(), c.vocab_size);
+        b.matmul(&normed, &self.weights.lm_head, &mut logits);
         Ok(b.download(&logits))
+    }
+
+    fn eps(&self) -> f32 {
+        self.config.rms_norm_eps as f32
     }
 
     /// Total bytes of dense weights one decode step reads for `rows` tokens (every dense

@@ -20,7 +20,7 @@ pub mod weights;
 
 pub use engine::{Completion, Engine, EngineConfig, FinishReason, PositionLogprobs, Request};
 pub use error::EngineError;
-pub use forward::Model;
+pub use forward::{Batch, Model};
 pub use sampling::{SamplingParams, TokenLogprob};
 pub use state::{LayerState, SequenceState};
 pub use trace::Trace;

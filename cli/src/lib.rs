@@ -1,11 +1,13 @@
 //! The `myriad` binary's subcommands, as a library so integration tests can drive them.
 //!
-//! - [`local`]: the single-process engine (all roles in one process).
+//! - [`local`]: the attention side on this machine, its experts local or remote.
+//! - [`cluster`]: where routed experts run (in-process, an in-process cluster, QUIC nodes).
 //! - [`builtin`]: the built-in model made on first use when no `--model` is given.
 //! - [`cmd`]: `generate`, `make-model`, `bench`.
 //! - [`runtime`]: flags shared by every subcommand that runs the model.
 
 pub mod builtin;
+pub mod cluster;
 pub mod cmd;
 pub mod local;
 pub mod runtime;

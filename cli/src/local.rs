@@ -1,6 +1,6 @@
-//! Assembles the single-process engine: the CPU backend, the dense weights on the attention
-//! side and every routed expert in an in-process [`ExpertShard`], wired through the same
-//! `ExpertExecutor` contract the router implements over the network.
+//! Assembles the attention side of the engine on this machine: the CPU backend, the dense
+//! weights, and the routed experts wherever `cluster` puts them (by default every expert in an
+//! in-process [`myriad_expert::ExpertShard`]), wired through the `ExpertExecutor` contract.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use myriad_attention::{Engine, EngineConfig, Model};
-use myriad_expert::{ExpertSet, ExpertShard};
 use myriad_kernels::cpu::{CpuBackend, Isa, Precision};
 use myriad_model::{Checkpoint, GenerationConfig, ModelConfig};
+
+use crate::cluster::{ClusterArgs, ExpertsHandle, TlsArgs, experts};
 
 /// How to run the local engine.
 #[derive(Clone, Debug, Default)]
@@ -24,18 +25,28 @@ pub struct LocalOptions {
     pub engine: EngineConfig,
 }
 
-/// A loaded single-process engine and what it was built from.
+/// A loaded engine and what it was built from.
 pub struct LocalEngine {
     pub engine: Engine<CpuBackend>,
     pub config: ModelConfig,
     pub generation: GenerationConfig,
     pub backend: Arc<CpuBackend>,
-    pub experts: Arc<ExpertShard<CpuBackend>>,
+    pub experts: ExpertsHandle,
     pub load_seconds: f64,
 }
 
-/// Loads the model in `dir` with all roles in this process.
+/// Loads the model in `dir` with every role in this process.
 pub fn load(dir: &Path, opts: &LocalOptions) -> Result<LocalEngine> {
+    load_with(dir, opts, &ClusterArgs::default(), &TlsArgs::default())
+}
+
+/// Loads the attention side of the model in `dir`, its routed experts placed by `cluster`.
+pub fn load_with(
+    dir: &Path,
+    opts: &LocalOptions,
+    cluster: &ClusterArgs,
+    tls: &TlsArgs,
+) -> Result<LocalEngine> {
     let t0 = Instant::now();
     let config = ModelConfig::from_dir(dir)?;
     let generation = GenerationConfig::from_dir(dir, &config)?;
@@ -48,14 +59,17 @@ pub fn load(dir: &Path, opts: &LocalOptions) -> Result<LocalEngine> {
         }
         .with_precision(opts.precision),
     );
-    let set = ExpertSet::all(config.num_experts);
-    let experts = Arc::new(
-        ExpertShard::load(backend.clone(), &config, &ckpt, &set)
-            .context("loading routed experts")?,
-    );
-    let model = Model::load(config.clone(), backend.clone(), &ckpt, experts.clone())
-        .context("loading dense weights")?;
-    let engine = Engine::new(model, opts.engine.clone(), generation.eos_token_ids.clone());
+    let experts = experts(&backend, &config, &ckpt, cluster, tls)?;
+    let model = Model::load(
+        config.clone(),
+        backend.clone(),
+        &ckpt,
+        experts.executor.clone(),
+    )
+    .context("loading dense weights")?;
+    let mut engine_config = opts.engine.clone();
+    engine_config.ping_pong |= cluster.ping_pong;
+    let engine = Engine::new(model, engine_config, generation.eos_token_ids.clone());
     Ok(LocalEngine {
         engine,
         config,

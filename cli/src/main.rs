@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use myriad::cmd::{bench, generate, make_model};
+use myriad::cmd::{bench, certs, generate, launch, make_model, node};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -25,6 +25,13 @@ enum Command {
     /// Benchmarks with their ceilings measured in the same run (use a release build).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Run one distributed role: an expert node or an attention node.
+    #[command(subcommand)]
+    Node(node::NodeCmd),
+    /// Start a cluster on this machine: expert-node processes plus the attention side.
+    Launch(launch::LaunchArgs),
+    /// Write a CA and node certificates for mutual TLS between nodes.
+    Certs(certs::CertsArgs),
 }
 
 /// Keeps freed memory in the process: every forward step allocates activation buffers of tens
@@ -60,6 +67,9 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::MakeModel(a) => make_model::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Node(a) => node::run(a),
+        Command::Launch(a) => launch::run(a),
+        Command::Certs(a) => certs::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -44,6 +44,7 @@ impl RuntimeArgs {
             engine: EngineConfig {
                 max_batch_tokens: self.max_batch_tokens.max(1),
                 max_seqs: self.max_seqs.max(1),
+                ping_pong: false,
             },
         }
     }

@@ -4,8 +4,9 @@
 //! weights each needs, runs grouped SwiGLU matmuls, and returns each row's weighted sum. The
 //! same [`ExpertShard`] is the in-process executor of the single-process engine.
 
-pub mod expert_set;
+pub mod service;
 pub mod shard;
 
-pub use expert_set::{ExpertSet, ExpertSetError};
+pub use myriad_model::{ExpertSet, ExpertSetError};
+pub use service::{ExpertService, NodeIdentity};
 pub use shard::{ExpertShard, ShardError};

@@ -9,7 +9,7 @@ use myriad_model::config::ModelConfig;
 use myriad_model::moe::{ExpertError, ExpertExecutor};
 use thiserror::Error;
 
-use crate::expert_set::ExpertSet;
+use myriad_model::ExpertSet;
 
 #[derive(Debug, Error)]
 pub enum ShardError {

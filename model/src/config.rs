@@ -353,6 +353,40 @@ impl ModelConfig {
         self.parameter_formula(|n| n)
     }
 
+    /// A stable 64-bit identity of the model shape that an attention node and an expert node
+    /// must agree on (exchanged in the wire handshake): FNV-1a over a version tag, the family,
+    /// and the hidden, layer, expert, top-k, expert-width and vocabulary sizes, each as a
+    /// little-endian `u64`. Deterministic across processes, machines and builds (no `std`
+    /// hasher, whose keys are random); fields only the attention side uses are left out.
+    pub fn fingerprint(&self) -> u64 {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+            for b in bytes {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(PRIME);
+            }
+            h
+        }
+        // The tag versions the scheme; the family is length-prefixed so no two field lists
+        // hash the same bytes.
+        let family = self.family.model_type().as_bytes();
+        let mut h = fnv1a(OFFSET, b"myriad-model-fingerprint-v1");
+        h = fnv1a(h, &(family.len() as u64).to_le_bytes());
+        h = fnv1a(h, family);
+        for v in [
+            self.hidden_size,
+            self.num_layers,
+            self.num_experts,
+            self.num_experts_per_tok,
+            self.moe_intermediate_size,
+            self.vocab_size,
+        ] {
+            h = fnv1a(h, &(v as u64).to_le_bytes());
+        }
+        h
+    }
+
     /// The parameter count written once for any number type: `usize` for the count, `f64` for
     /// the overflow guard in [`validate`](Self::validate).
     fn parameter_formula<T>(&self, n: impl Fn(usize) -> T) -> T

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use myriad_attention::sampling::argmax;
-use myriad_attention::{SequenceState, Trace};
+use myriad_attention::{Batch, SequenceState, Trace};
 use myriad_kernels::cpu::CpuBackend;
 use myriad_kernels::probe::{ReadProbe, matmul_gflops};
 use myriad_kernels::{Routes, SeqSpan, WeightDtype};
@@ -29,6 +29,8 @@ pub enum BenchCmd {
     Decode(DecodeArgs),
     /// Prefill tokens/s of one long prompt against the measured matmul peak.
     Prefill(PrefillArgs),
+    /// Expert dispatch: per-layer round trips and wire bytes; cluster vs single-process decode.
+    Dispatch(crate::cmd::bench_dispatch::DispatchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -159,80 +161,151 @@ pub fn run(cmd: &BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Decode(a) => decode(a),
         BenchCmd::Prefill(a) => prefill(a),
+        BenchCmd::Dispatch(a) => crate::cmd::bench_dispatch::run(a),
     }
+}
+
+/// One decode measurement.
+pub(crate) struct DecodeResult {
+    pub(crate) tokens_per_s: f64,
+    seconds: f64,
+    /// Distinct experts touched per step (None under ping-pong, which runs untraced).
+    experts_per_step: Option<f64>,
+}
+
+/// Prefills `bsz` random prompts of `prompt_len` tokens, then times `steps` greedy decode steps
+/// after `warmup` untimed ones. With `ping_pong`, each step runs as two micro-batches.
+pub(crate) fn decode_run(
+    e: &LocalEngine,
+    bsz: usize,
+    prompt_len: usize,
+    warmup: usize,
+    steps: usize,
+    seed: u64,
+    ping_pong: bool,
+) -> Result<DecodeResult> {
+    let model = e.engine.model();
+    let vocab = e.config.vocab_size;
+    let mut seqs: Vec<SequenceState<CpuBackend>> = (0..bsz).map(|_| model.new_sequence()).collect();
+    let mut tokens = Vec::new();
+    let mut spans = Vec::new();
+    for i in 0..bsz {
+        spans.push(SeqSpan {
+            start: tokens.len(),
+            len: prompt_len,
+            past: 0,
+        });
+        tokens.extend(prompt(&e.config, prompt_len, seed + i as u64));
+    }
+    let rows: Vec<usize> = spans.iter().map(|s| s.start + s.len - 1).collect();
+    let mut refs: Vec<&mut SequenceState<CpuBackend>> = seqs.iter_mut().collect();
+    let logits = model.forward(&tokens, &spans, &mut refs, &rows, None)?;
+    let mut next: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
+    let mut touched = ExpertsTouched::default();
+    let mut seconds = 0.0;
+    let half = bsz / 2;
+    for step in 0..warmup + steps {
+        let past = prompt_len + step;
+        let timed = step >= warmup;
+        let t0 = Instant::now();
+        let logits = if ping_pong && bsz >= 2 {
+            let (sa, sb) = refs.split_at_mut(half);
+            let spans_a: Vec<SeqSpan> = (0..half)
+                .map(|i| SeqSpan {
+                    start: i,
+                    len: 1,
+                    past,
+                })
+                .collect();
+            let spans_b: Vec<SeqSpan> = (0..bsz - half)
+                .map(|i| SeqSpan {
+                    start: i,
+                    len: 1,
+                    past,
+                })
+                .collect();
+            let (rows_a, rows_b): (Vec<usize>, Vec<usize>) =
+                ((0..half).collect(), (0..bsz - half).collect());
+            let (la, lb) = model.forward_pingpong(
+                Batch {
+                    tokens: &next[..half],
+                    spans: &spans_a,
+                    seqs: sa,
+                    logit_rows: &rows_a,
+                },
+                Batch {
+                    tokens: &next[half..],
+                    spans: &spans_b,
+                    seqs: sb,
+                    logit_rows: &rows_b,
+                },
+            )?;
+            [la, lb].concat()
+        } else {
+            let spans: Vec<SeqSpan> = (0..bsz)
+                .map(|i| SeqSpan {
+                    start: i,
+                    len: 1,
+                    past,
+                })
+                .collect();
+            let rows: Vec<usize> = (0..bsz).collect();
+            let trace: Option<&mut dyn Trace> = if timed { Some(&mut touched) } else { None };
+            model.forward(&next, &spans, &mut refs, &rows, trace)?
+        };
+        next = logits.chunks_exact(vocab).map(argmax).collect();
+        if timed {
+            seconds += t0.elapsed().as_secs_f64();
+        }
+    }
+    Ok(DecodeResult {
+        tokens_per_s: (bsz * steps) as f64 / seconds,
+        seconds,
+        experts_per_step: (!(ping_pong && bsz >= 2))
+            .then(|| touched.distinct as f64 / steps as f64),
+    })
 }
 
 fn decode(a: &DecodeArgs) -> Result<()> {
     let e = load(&a.common)?;
     let ceil = ceilings(&e);
     let model = e.engine.model();
-    let expert_bytes = e.experts.expert_bytes();
+    let expert_bytes = e.experts.expert_bytes;
     let mut runs = Vec::new();
     for &bsz in &a.batch {
-        let mut seqs: Vec<SequenceState<CpuBackend>> =
-            (0..bsz).map(|_| model.new_sequence()).collect();
-        let mut tokens = Vec::new();
-        let mut spans = Vec::new();
-        for i in 0..bsz {
-            spans.push(SeqSpan {
-                start: tokens.len(),
-                len: a.prompt_len,
-                past: 0,
-            });
-            tokens.extend(prompt(&e.config, a.prompt_len, a.common.seed + i as u64));
-        }
-        let rows: Vec<usize> = spans.iter().map(|s| s.start + s.len - 1).collect();
-        let mut refs: Vec<&mut SequenceState<CpuBackend>> = seqs.iter_mut().collect();
-        let logits = model.forward(&tokens, &spans, &mut refs, &rows, None)?;
-        let vocab = e.config.vocab_size;
-        let mut next: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
-        let mut touched = ExpertsTouched::default();
-        let mut seconds = 0.0;
-        let mut window_bw = vec![bandwidth_now(&e, &ceil.probe)];
-        for step in 0..a.warmup + a.steps {
-            let spans: Vec<SeqSpan> = (0..bsz)
-                .map(|i| SeqSpan {
-                    start: i,
-                    len: 1,
-                    past: a.prompt_len + step,
-                })
-                .collect();
-            let rows: Vec<usize> = (0..bsz).collect();
-            let timed = step >= a.warmup;
-            let t0 = Instant::now();
-            let trace: Option<&mut dyn Trace> = if timed { Some(&mut touched) } else { None };
-            let logits = model.forward(&next, &spans, &mut refs, &rows, trace)?;
-            next = logits.chunks_exact(vocab).map(argmax).collect();
-            if timed {
-                seconds += t0.elapsed().as_secs_f64();
-            }
-        }
-        window_bw.push(bandwidth_now(&e, &ceil.probe));
-        let bw = (window_bw[0] + window_bw[1]) / 2.0;
-        let tokens_per_s = (bsz * a.steps) as f64 / seconds;
-        let bytes_per_step = model.dense_bytes_per_step(bsz) as f64
-            + (touched.distinct as f64 / a.steps as f64) * expert_bytes as f64;
+        let bw_before = bandwidth_now(&e, &ceil.probe);
+        let r = decode_run(
+            &e,
+            bsz,
+            a.prompt_len,
+            a.warmup,
+            a.steps,
+            a.common.seed,
+            false,
+        )?;
+        let bw = (bw_before + bandwidth_now(&e, &ceil.probe)) / 2.0;
+        let experts = r.experts_per_step.unwrap_or(0.0);
+        let bytes_per_step = model.dense_bytes_per_step(bsz) as f64 + experts * expert_bytes as f64;
         let active = bytes_per_step / bsz as f64;
-        let fraction = tokens_per_s * active / (bw * 1e9);
+        let fraction = r.tokens_per_s * active / (bw * 1e9);
         eprintln!(
-            "decode batch {bsz:>3}: {tokens_per_s:>8.1} tokens/s, {:>6.1} MB/token ({:.0} experts/step), {:.0}% of the {:.1} GB/s roofline measured around it ({:.0}% of the run's best {:.1} GB/s)",
+            "decode batch {bsz:>3}: {:>8.1} tokens/s, {:>6.1} MB/token ({experts:.0} experts/step), {:.0}% of the {bw:.1} GB/s roofline measured around it ({:.0}% of the run's best {:.1} GB/s)",
+            r.tokens_per_s,
             active / 1e6,
-            touched.distinct as f64 / a.steps as f64,
             fraction * 100.0,
-            bw,
-            tokens_per_s * active / (ceil.bandwidth_gb_s * 1e9) * 100.0,
+            r.tokens_per_s * active / (ceil.bandwidth_gb_s * 1e9) * 100.0,
             ceil.bandwidth_gb_s
         );
         runs.push(json!({
             "batch_size": bsz,
-            "tokens_per_s": tokens_per_s,
+            "tokens_per_s": r.tokens_per_s,
             "active_bytes_per_token": active,
             "roofline_fraction": fraction,
             "bandwidth_gb_s": bw,
             "roofline_tokens_per_s": bw * 1e9 / active,
-            "roofline_fraction_vs_best_bandwidth": tokens_per_s * active / (ceil.bandwidth_gb_s * 1e9),
-            "step_ms": seconds * 1e3 / a.steps as f64,
-            "experts_touched_per_step": touched.distinct as f64 / a.steps as f64,
+            "roofline_fraction_vs_best_bandwidth": r.tokens_per_s * active / (ceil.bandwidth_gb_s * 1e9),
+            "step_ms": r.seconds * 1e3 / a.steps as f64,
+            "experts_touched_per_step": experts,
         }));
     }
     report(&a.common, &ceil, "decode", runs)

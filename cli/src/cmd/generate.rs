@@ -14,6 +14,7 @@ use myriad_attention::{Completion, Request, SamplingParams};
 use myriad_gateway::{ChatTemplate, Tokenizer};
 use serde_json::{Value, json};
 
+use crate::cluster::{ClusterArgs, TlsArgs};
 use crate::runtime::RuntimeArgs;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -68,6 +69,11 @@ pub struct GenerateArgs {
     pub logprobs: Option<usize>,
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,
+    /// Where the routed experts run (default: in this process).
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -79,7 +85,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     };
     let tokenizer = load_tokenizer(&dir, args)?;
     let prompt = prompt_ids(&dir, args, tokenizer.as_ref())?;
-    let local = crate::local::load(&dir, &args.runtime.options())?;
+    let local = crate::local::load_with(&dir, &args.runtime.options(), &args.cluster, &args.tls)?;
     let g = &local.generation;
     let sampling = SamplingParams {
         temperature: args

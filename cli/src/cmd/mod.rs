@@ -1,5 +1,9 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_dispatch;
+pub mod certs;
 pub mod generate;
+pub mod launch;
 pub mod make_model;
+pub mod node;

@@ -1,0 +1,261 @@
+//! `myriad launch`: a whole cluster on this machine. Starts N expert-node processes on
+//! loopback (mutual TLS with a freshly generated CA unless `--insecure-dev-certs`), waits until
+//! each is ready, then runs the attention side in this process on JSON request lines from
+//! stdin. The expert nodes are stopped when it finishes, fails, or gets SIGINT/SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use myriad_model::ModelConfig;
+use myriad_router::Placement;
+use myriad_transport::generate_pki;
+
+use crate::cluster::{ClusterArgs, TlsArgs};
+use crate::cmd::node::{serve_requests, shutdown_signal};
+use crate::local::load_with;
+use crate::runtime::RuntimeArgs;
+
+#[derive(Args, Debug)]
+pub struct LaunchArgs {
+    /// Model directory (default: the built-in small model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Expert-node processes to start.
+    #[arg(long, default_value_t = 4)]
+    pub expert_nodes: usize,
+    /// Nodes holding each expert.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Worker threads per expert node.
+    #[arg(long, default_value_t = 1)]
+    pub node_threads: usize,
+    /// Development certificates instead of a generated CA.
+    #[arg(long)]
+    pub insecure_dev_certs: bool,
+    /// Split steps into two micro-batches (attention overlaps the expert round trip).
+    #[arg(long)]
+    pub ping_pong: bool,
+    /// How long to wait for the expert nodes to come up, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub ready_timeout_s: u64,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// The started processes and their scratch directory; stops and removes them when dropped.
+pub struct Cluster {
+    children: Arc<Mutex<Vec<Child>>>,
+    dir: PathBuf,
+    pub placement: PathBuf,
+    pub addrs: Vec<String>,
+    /// TLS flags of the attention side.
+    pub tls: TlsArgs,
+}
+
+impl Cluster {
+    /// Stops every expert node.
+    pub fn stop(&self) {
+        stop_children(&self.children);
+    }
+
+    /// Kills node `i` (tests and demos of failover).
+    pub fn kill_node(&self, i: usize) -> Result<()> {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        let child = children.get_mut(i).context("no such node")?;
+        child.kill().context("killing an expert node")?;
+        let _ = child.wait();
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn stop_children(children: &Mutex<Vec<Child>>) {
+    let mut children = children.lock().unwrap_or_else(|e| e.into_inner());
+    for c in children.iter_mut() {
+        // Expert nodes keep no per-sequence state, so killing one loses nothing.
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    children.clear();
+}
+
+/// Free loopback UDP ports (bound and released; a race with other processes is unlikely on a
+/// test machine and fails loudly at bind time).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let sockets: Vec<UdpSocket> = (0..n)
+        .map(|_| UdpSocket::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .context("finding free UDP ports")?;
+    sockets
+        .iter()
+        .map(|s| Ok(s.local_addr().context("reading a bound port")?.port()))
+        .collect()
+}
+
+/// Starts `args.expert_nodes` expert nodes (processes of the `myriad` binary `exe`) for the
+/// model in `dir` and waits until they serve.
+pub fn start_cluster(exe: &Path, dir: &Path, args: &LaunchArgs) -> Result<Cluster> {
+    let config = ModelConfig::from_dir(dir)?;
+    let scratch = std::env::temp_dir().join(format!(
+        "myriad-cluster-{}-{}",
+        std::process::id(),
+        unique()
+    ));
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let addrs: Vec<String> = free_ports(args.expert_nodes)?
+        .into_iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let placement = Placement::even(&addrs, config.num_experts, args.replicas)?;
+    let placement_path = scratch.join("placement.json");
+    std::fs::write(&placement_path, placement.to_json())
+        .with_context(|| format!("writing {}", placement_path.display()))?;
+    let names: Vec<String> = placement.nodes().iter().map(|n| n.name.clone()).collect();
+    let tls_flags = |name: &str| -> Vec<String> {
+        if args.insecure_dev_certs {
+            vec!["--insecure-dev-certs".into()]
+        } else {
+            let pki = scratch.join("pki");
+            vec![
+                "--tls-cert".into(),
+                pki.join(format!("{name}.pem")).display().to_string(),
+                "--tls-key".into(),
+                pki.join(format!("{name}.key")).display().to_string(),
+                "--tls-ca".into(),
+                pki.join("ca.pem").display().to_string(),
+            ]
+        }
+    };
+    let attention_tls = if args.insecure_dev_certs {
+        TlsArgs {
+            insecure_dev_certs: true,
+            ..TlsArgs::default()
+        }
+    } else {
+        let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
+        all.push("attention");
+        generate_pki(&scratch.join("pki"), &all, "myriad-node")
+            .context("generating the cluster's certificates")?;
+        let pki = scratch.join("pki");
+        TlsArgs {
+            tls_cert: Some(pki.join("attention.pem")),
+            tls_key: Some(pki.join("attention.key")),
+            tls_ca: Some(pki.join("ca.pem")),
+            tls_server_name: "myriad-node".into(),
+            insecure_dev_certs: false,
+        }
+    };
+    let children = Arc::new(Mutex::new(Vec::new()));
+    let cluster = Cluster {
+        children: children.clone(),
+        dir: scratch.clone(),
+        placement: placement_path.clone(),
+        addrs: addrs.clone(),
+        tls: attention_tls,
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<Result<usize, String>>();
+    for (i, node) in placement.nodes().iter().enumerate() {
+        let mut cmd = Command::new(exe);
+        cmd.args(["node", "expert", "--model"])
+            .arg(dir)
+            .args(["--listen", &node.addr, "--placement"])
+            .arg(&placement_path)
+            .args([
+                "--name",
+                &node.name,
+                "--threads",
+                &args.node_threads.to_string(),
+            ])
+            .args(tls_flags(&node.name))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting expert node {}", node.name))?;
+        let stdout = child.stdout.take().context("expert node stdout")?;
+        children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child);
+        let tx = tx.clone();
+        let name = node.name.clone();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let msg = match lines.next() {
+                Some(Ok(l)) if l.starts_with("ready ") => Ok(i),
+                Some(Ok(l)) => Err(format!("expert node {name} said {l:?} instead of ready")),
+                _ => Err(format!("expert node {name} exited before it was ready")),
+            };
+            let _ = tx.send(msg);
+            // Drain, so a chatty node never blocks on a full pipe.
+            for _ in lines {}
+        });
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.ready_timeout_s);
+    for _ in 0..placement.nodes().len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!(e),
+            Err(_) => bail!(
+                "expert nodes did not become ready within {} s",
+                args.ready_timeout_s
+            ),
+        }
+    }
+    Ok(cluster)
+}
+
+fn unique() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+pub fn run(a: &LaunchArgs) -> Result<()> {
+    let dir = match &a.model {
+        Some(d) => d.clone(),
+        None => crate::builtin::default_model()?,
+    };
+    let exe = std::env::current_exe().context("locating the myriad binary")?;
+    let cluster = start_cluster(&exe, &dir, a)?;
+    eprintln!(
+        "{} expert nodes ready on {}",
+        cluster.addrs.len(),
+        cluster.addrs.join(", ")
+    );
+    // SIGINT/SIGTERM stop the nodes before this process goes.
+    let children = cluster.children.clone();
+    std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(shutdown_signal());
+            stop_children(&children);
+            std::process::exit(130);
+        }
+    });
+    let cluster_args = ClusterArgs {
+        placement: Some(cluster.placement.clone()),
+        ping_pong: a.ping_pong,
+        ..ClusterArgs::default()
+    };
+    let engine = load_with(&dir, &a.runtime.options(), &cluster_args, &cluster.tls)?;
+    serve_requests(&engine, std::io::stdin().lock(), std::io::stdout().lock())
+}

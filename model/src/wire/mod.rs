@@ -1,0 +1,55 @@
+//! Myriad's node-to-node wire protocol, version 1: versioned, length-delimited frames
+//! ([`frame`]) whose payloads are the messages in [`messages`] ([`control`] for the handshake,
+//! liveness and errors, [`expert`] for expert requests and responses). Tensors travel as raw
+//! little-endian bytes with dtype and shape headers ([`tensor`]), routes as per-row
+//! (expert, weight) lists ([`routes`]). Every size a peer sends is checked against [`Limits`]
+//! before anything is allocated; a decoder error names the field that was wrong.
+
+mod codec;
+pub mod control;
+pub mod expert;
+pub mod frame;
+pub mod limits;
+pub mod messages;
+pub mod routes;
+pub mod tensor;
+
+use thiserror::Error;
+
+pub use control::{ErrorCode, ErrorReply, Hello, HelloAck, Ping, Pong};
+pub use expert::{ExpertRequest, ExpertResponse};
+pub use frame::{
+    FrameHeader, FrameKind, HEADER_LEN, MAGIC, VERSION, decode_header, encode_frame, encode_header,
+};
+pub use limits::Limits;
+pub use messages::{AnyMessage, Message, decode_frame};
+pub use tensor::{TensorDtype, WireTensor};
+
+/// Why bytes from a peer were rejected.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("not a Myriad frame (magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("protocol version {got} is not supported (this node speaks {supported})")]
+    Version { got: u16, supported: u16 },
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge { len: u32, max: u32 },
+    #[error("{what}: {detail}")]
+    Malformed { what: &'static str, detail: String },
+    #[error("{what} = {value} exceeds the limit of {max}")]
+    OverLimit {
+        what: &'static str,
+        value: u64,
+        max: u64,
+    },
+    #[error("{what}: needs {needed} bytes, only {left} left in the payload")]
+    Truncated {
+        what: &'static str,
+        needed: u64,
+        left: u64,
+    },
+    #[error("{what}: {extra} bytes left over after the message")]
+    TrailingBytes { what: &'static str, extra: u64 },
+}
