@@ -43,6 +43,23 @@ struct PendingMoe<B: Backend> {
     ticket: Box<dyn ExpertTicket<B>>,
 }
 
+/// Brackets one forward step for the expert executor (see `ExpertExecutor::begin_step`); ends
+/// it on every path out, errors included.
+struct StepGuard<'a, B: Backend>(&'a dyn ExpertExecutor<B>);
+
+impl<'a, B: Backend> StepGuard<'a, B> {
+    fn begin(experts: &'a dyn ExpertExecutor<B>) -> Self {
+        experts.begin_step();
+        StepGuard(experts)
+    }
+}
+
+impl<B: Backend> Drop for StepGuard<'_, B> {
+    fn drop(&mut self) {
+        self.0.end_step();
+    }
+}
+
 /// The attention side of a model plus a way to reach its routed experts.
 pub struct Model<B: Backend> {
     config: ModelConfig,
@@ -120,6 +137,7 @@ impl<B: Backend> Model<B> {
         mut trace: Option<&mut dyn Trace>,
     ) -> Result<Vec<f32>, EngineError> {
         self.check_batch(tokens, spans, seqs, logit_rows)?;
+        let _step = StepGuard::begin(&*self.experts);
         let mut lane = self.start(
             Batch {
                 tokens,
@@ -147,6 +165,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
         self.check_batch(a.tokens, a.spans, a.seqs, a.logit_rows)?;
         self.check_batch(b.tokens, b.spans, b.seqs, b.logit_rows)?;
+        let _step = StepGuard::begin(&*self.experts);
         let none = &mut None;
         let mut la = self.start(a, none)?;
         let mut lb = self.start(b, none)?;

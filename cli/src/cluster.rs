@@ -14,12 +14,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use myriad_control::ControllerConfig;
+use myriad_control::follower::FollowerConfig;
 use myriad_expert::{ExpertService, ExpertShard, NodeIdentity};
 use myriad_kernels::cpu::CpuBackend;
 use myriad_model::moe::ExpertExecutor;
 use myriad_model::wire::Limits;
 use myriad_model::{Checkpoint, ExpertSet, ModelConfig};
 use myriad_router::{Placement, RemoteExperts, RouterConfig};
+
+use crate::control::{AttentionControl, AttentionControlConfig, ControlArgs, start_attention};
 use myriad_transport::{Connector, LocalNetwork, QuicConnector, QuicLimits, QuicServer, TlsConfig};
 
 /// How nodes authenticate each other.
@@ -68,13 +72,38 @@ impl TlsArgs {
 #[derive(Args, Clone, Debug, Default)]
 pub struct ClusterArgs {
     /// Expert nodes to dispatch to; experts are split evenly over them (see --replicas).
-    #[arg(long, value_delimiter = ',', conflicts_with = "placement")]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["placement", "etcd"])]
     pub expert_nodes: Vec<String>,
+    /// Take the placement from the control plane (--etcd) and follow its changes.
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// This attention node's name in the control plane (default: attention-PID).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// With --etcd: expert nodes to wait for before the first placement is made.
+    #[arg(long, default_value_t = 1)]
+    pub min_expert_nodes: usize,
+    /// With --etcd: extra copies of hot experts a rebalance may make.
+    #[arg(long, default_value_t = 0)]
+    pub extra_replicas: usize,
+    /// With --etcd: rebalance by itself when max/mean node load exceeds this.
+    #[arg(long)]
+    pub auto_rebalance_above: Option<f64>,
+    /// With --etcd: how long a step waits for a new placement when an expert has no live
+    /// holder (its node died and the controller is reassigning), in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub failover_wait_ms: u64,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Also report token counts per layer (a label set 1 + layers times larger).
+    #[arg(long)]
+    pub metrics_per_layer: bool,
     /// With --expert-nodes: how many nodes hold each expert (a ring of replicas).
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
     /// A placement file: nodes, their addresses and the experts each holds.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "etcd")]
     pub placement: Option<PathBuf>,
     /// Run the placement's nodes inside this process (no network; same combine order).
     #[arg(long)]
@@ -122,6 +151,11 @@ impl ClusterArgs {
         };
         RouterConfig {
             deadline,
+            failover_wait: if self.control.enabled() {
+                Duration::from_millis(self.failover_wait_ms)
+            } else {
+                Duration::ZERO
+            },
             ..default
         }
     }
@@ -137,6 +171,8 @@ pub struct ExpertsHandle {
     pub network: Option<LocalNetwork>,
     /// Bytes one routed expert occupies (what a token routed to it reads).
     pub expert_bytes: usize,
+    /// The control-plane tasks, with --etcd (dropped before the runtime).
+    pub control: Option<AttentionControl>,
     pub runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -158,6 +194,9 @@ pub fn experts(
     cluster: &ClusterArgs,
     tls: &TlsArgs,
 ) -> Result<ExpertsHandle> {
+    if cluster.control.enabled() {
+        return controlled_experts(backend, config, ckpt, cluster, tls);
+    }
     let Some(placement) = cluster.placement(config.num_experts)? else {
         let shard = Arc::new(
             ExpertShard::load(
@@ -174,6 +213,7 @@ pub fn experts(
             router: None,
             network: None,
             expert_bytes,
+            control: None,
             runtime: None,
         });
     };
@@ -204,22 +244,18 @@ pub fn experts(
             let _guard = runtime.enter();
             let connector = QuicConnector::new(&tls, QuicLimits::default())
                 .context("starting the QUIC client")?;
-            let c = config;
-            let bytes = 3 * c.hidden_size * c.moe_intermediate_size * 2;
-            (Arc::new(connector), None, bytes)
+            (Arc::new(connector), None, routed_expert_bytes(config, ckpt))
         };
-    let router = Arc::new(RemoteExperts::new(
-        backend.clone(),
+    let (router, acks) = connect_router(
+        backend,
+        config,
+        cluster,
+        &runtime,
+        0,
         placement,
         connector,
-        runtime.handle().clone(),
-        config.hidden_size,
-        config.num_layers,
-        cluster.router_config(),
-    ));
-    let acks = router
-        .handshake("attention", config.fingerprint())
-        .context("connecting to the expert nodes")?;
+        "attention",
+    )?;
     for a in &acks {
         eprintln!(
             "expert node {} ready: {} experts of {} layers",
@@ -233,6 +269,127 @@ pub fn experts(
         router: Some(router),
         network,
         expert_bytes,
+        control: None,
+        runtime: Some(runtime),
+    })
+}
+
+/// A router over `placement` (at `version`) that has shaken hands with every node.
+fn connect_router(
+    backend: &Arc<CpuBackend>,
+    config: &ModelConfig,
+    cluster: &ClusterArgs,
+    runtime: &tokio::runtime::Runtime,
+    version: u64,
+    placement: Placement,
+    connector: Arc<dyn Connector>,
+    client: &str,
+) -> Result<(
+    Arc<RemoteExperts<CpuBackend>>,
+    Vec<myriad_model::wire::HelloAck>,
+)> {
+    let router = Arc::new(RemoteExperts::with_version(
+        backend.clone(),
+        version,
+        placement,
+        connector,
+        runtime.handle().clone(),
+        config.hidden_size,
+        config.num_layers,
+        cluster.router_config(),
+    ));
+    let acks = router
+        .handshake(client, config.fingerprint())
+        .context("connecting to the expert nodes")?;
+    Ok((router, acks))
+}
+
+/// Bytes one routed expert of one layer occupies in the checkpoint's dtype.
+pub fn routed_expert_bytes(config: &ModelConfig, ckpt: &Checkpoint) -> usize {
+    ckpt.expert(0, 0)
+        .map(|t| t.gate_proj.data.len() + t.up_proj.data.len() + t.down_proj.data.len())
+        .unwrap_or(3 * config.hidden_size * config.moe_intermediate_size * 2)
+}
+
+/// The router over QUIC with its placement from the control plane: registers this attention
+/// node, runs a controller candidate, waits for the first placement, follows later ones.
+fn controlled_experts(
+    backend: &Arc<CpuBackend>,
+    config: &ModelConfig,
+    ckpt: &Checkpoint,
+    cluster: &ClusterArgs,
+    tls: &TlsArgs,
+) -> Result<ExpertsHandle> {
+    let runtime = io_runtime()?;
+    let store = cluster.control.store(&runtime)?;
+    let name = cluster
+        .node_name
+        .clone()
+        .unwrap_or_else(|| format!("attention-{}", std::process::id()));
+    let mut controller = ControllerConfig::new(config.num_experts);
+    controller.min_expert_nodes = cluster.min_expert_nodes.max(1);
+    controller.replicas = cluster.replicas.max(1);
+    controller.extra_replicas = cluster.extra_replicas;
+    controller.auto_rebalance_above = cluster.auto_rebalance_above;
+    let follower = FollowerConfig {
+        metrics_addr: cluster.metrics_addr.map(|a| a.to_string()),
+        ..FollowerConfig::default()
+    };
+    let (mut control, doc) = start_attention(
+        &runtime,
+        store,
+        cluster.control.keys(),
+        cluster.control.lease_ttl(),
+        AttentionControlConfig {
+            name: name.clone(),
+            controller,
+            placement_timeout: Duration::from_secs(300),
+            follower: follower.clone(),
+        },
+    )?;
+    let placement = doc
+        .to_placement()
+        .with_context(|| format!("the control plane's placement version {}", doc.version))?;
+    let tls = tls.config()?;
+    let connector: Arc<dyn Connector> = {
+        let _guard = runtime.enter();
+        Arc::new(
+            QuicConnector::new(&tls, QuicLimits::default()).context("starting the QUIC client")?,
+        )
+    };
+    let (router, acks) = connect_router(
+        backend,
+        config,
+        cluster,
+        &runtime,
+        doc.version,
+        placement,
+        connector,
+        &name,
+    )?;
+    eprintln!(
+        "attention node {name}: placement version {} ({}), {} expert nodes",
+        doc.version,
+        doc.reason,
+        acks.len()
+    );
+    control.follow(router.clone(), follower);
+    if let Some(addr) = cluster.metrics_addr {
+        control.metrics_addr = Some(crate::metrics::serve_attention_metrics(
+            &runtime,
+            addr,
+            &name,
+            router.clone(),
+            &control,
+            cluster.metrics_per_layer,
+        )?);
+    }
+    Ok(ExpertsHandle {
+        executor: router.clone(),
+        router: Some(router),
+        network: None,
+        expert_bytes: routed_expert_bytes(config, ckpt),
+        control: Some(control),
         runtime: Some(runtime),
     })
 }
@@ -262,12 +419,26 @@ pub fn serve_experts(
     let shard = Arc::new(
         ExpertShard::load(backend, config, ckpt, set).context("loading this node's experts")?,
     );
-    let service = Arc::new(ExpertService::new(
-        shard,
-        identity(config, name),
-        Limits::default(),
-    ));
+    Ok(serve_shard(runtime, shard, config, name, listen, tls)?.0)
+}
+
+/// Serves `shard` on `listen` until the returned server is dropped.
+pub fn serve_shard(
+    runtime: &tokio::runtime::Runtime,
+    shard: Arc<ExpertShard<CpuBackend>>,
+    config: &ModelConfig,
+    name: &str,
+    listen: SocketAddr,
+    tls: &TlsConfig,
+) -> Result<(QuicServer, ExpertService<CpuBackend>)> {
+    let service = ExpertService::new(shard, identity(config, name), Limits::default());
     let _guard = runtime.enter();
-    QuicServer::bind(listen, tls, QuicLimits::default(), service)
-        .with_context(|| format!("listening on {listen}"))
+    let server = QuicServer::bind(
+        listen,
+        tls,
+        QuicLimits::default(),
+        Arc::new(service.clone()),
+    )
+    .with_context(|| format!("listening on {listen}"))?;
+    Ok((server, service))
 }

@@ -3,11 +3,14 @@
 //! - [`local`]: the attention side on this machine, its experts local or remote.
 //! - [`cluster`]: where routed experts run (in-process, an in-process cluster, QUIC nodes).
 //! - [`builtin`]: the built-in model made on first use when no `--model` is given.
+//! - [`control`]: the control-plane flags and the attention node's control-plane tasks.
 //! - [`cmd`]: `generate`, `make-model`, `bench`.
 //! - [`runtime`]: flags shared by every subcommand that runs the model.
 
 pub mod builtin;
 pub mod cluster;
 pub mod cmd;
+pub mod control;
 pub mod local;
+pub mod metrics;
 pub mod runtime;

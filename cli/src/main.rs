@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use myriad::cmd::{bench, certs, generate, launch, make_model, node};
+use myriad::cmd::{bench, certs, control, generate, launch, make_model, node};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,6 +32,9 @@ enum Command {
     Launch(launch::LaunchArgs),
     /// Write a CA and node certificates for mutual TLS between nodes.
     Certs(certs::CertsArgs),
+    /// Inspect and steer the control plane: nodes, placement, status, rebalance, drain.
+    #[command(subcommand)]
+    Control(control::ControlCmd),
 }
 
 /// Keeps freed memory in the process: every forward step allocates activation buffers of tens
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Node(a) => node::run(a),
         Command::Launch(a) => launch::run(a),
         Command::Certs(a) => certs::run(a),
+        Command::Control(a) => control::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

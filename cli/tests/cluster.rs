@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,15 +11,16 @@ use myriad::cluster::{ClusterArgs, TlsArgs};
 use myriad::cmd::launch::{Cluster, LaunchArgs, start_cluster};
 use myriad::local::{LocalEngine, LocalOptions, load_with};
 use myriad::runtime::RuntimeArgs;
-use myriad_attention::{Completion, Request};
+use myriad_attention::Completion;
 use myriad_model::wire::{FrameKind, Hello, Limits, Message, decode_header};
 use myriad_transport::{Connector, Frame, QuicConnector, QuicLimits, TlsConfig};
 use serde_json::Value;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures")
-        .join(name)
+mod common;
+use common::{fixture, ids, reference};
+
+fn requests(r: &Value, max_tokens: usize) -> Vec<myriad_attention::Request> {
+    common::requests(r, max_tokens, Some(3), true)
 }
 
 fn launch(dir: &Path, nodes: usize, replicas: usize) -> Cluster {
@@ -31,6 +32,7 @@ fn launch(dir: &Path, nodes: usize, replicas: usize) -> Cluster {
         insecure_dev_certs: false,
         ping_pong: false,
         ready_timeout_s: 120,
+        etcd: None,
         runtime: RuntimeArgs {
             threads: 1,
             isa: None,
@@ -63,32 +65,6 @@ fn attention(dir: &Path, cluster: &Cluster, in_process: bool) -> LocalEngine {
         &tls,
     )
     .unwrap()
-}
-
-fn reference(dir: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn requests(r: &Value, max_tokens: usize) -> Vec<Request> {
-    r["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Request {
-            ignore_eos: true,
-            logprobs: Some(3),
-            echo: true,
-            ..Request::greedy(ids(&p["input_ids"]), max_tokens)
-        })
-        .collect()
 }
 
 fn same(a: &[Completion], b: &[Completion]) {

@@ -2,8 +2,11 @@
 //!
 //! An expert node keeps no per-sequence state: it receives hidden vectors with the experts and
 //! weights each needs, runs grouped SwiGLU matmuls, and returns each row's weighted sum. The
-//! same [`ExpertShard`] is the in-process executor of the single-process engine.
+//! same [`ExpertShard`] is the in-process executor of the single-process engine. Its expert set
+//! can change while it serves (`ExpertShard::set_experts`); loading runs at low CPU priority
+//! (`background`).
 
+pub mod background;
 pub mod service;
 pub mod shard;
 

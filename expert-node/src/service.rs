@@ -4,6 +4,7 @@
 //! serve gets an error reply that names the problem; it keeps no per-sequence state.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use myriad_kernels::Backend;
 use myriad_model::moe::ExpertExecutor;
@@ -28,8 +29,10 @@ pub struct NodeIdentity {
 struct Inner<B: Backend> {
     shard: Arc<ExpertShard<B>>,
     id: NodeIdentity,
-    held: Vec<u32>,
     limits: Limits,
+    /// (token, expert) pairs served per layer and expert, `[layer * experts + expert]`.
+    served: Vec<AtomicU64>,
+    requests: AtomicU64,
 }
 
 /// Serves one expert shard over any transport.
@@ -47,15 +50,42 @@ impl<B: Backend> Clone for ExpertService<B> {
 
 impl<B: Backend> ExpertService<B> {
     pub fn new(shard: Arc<ExpertShard<B>>, id: NodeIdentity, limits: Limits) -> Self {
-        let held = shard.experts().iter().map(|e| e as u32).collect();
+        let served = (0..id.num_layers * id.num_experts)
+            .map(|_| AtomicU64::new(0))
+            .collect();
         ExpertService {
             inner: Arc::new(Inner {
                 shard,
                 id,
-                held,
                 limits,
+                served,
+                requests: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Pairs served since start per layer, `[layer][expert]`.
+    pub fn served(&self) -> Vec<Vec<u64>> {
+        let e = self.inner.id.num_experts.max(1);
+        self.inner
+            .served
+            .chunks(e)
+            .map(|c| c.iter().map(|v| v.load(Ordering::Relaxed)).collect())
+            .collect()
+    }
+
+    /// Expert requests served since start.
+    pub fn requests(&self) -> u64 {
+        self.inner.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.inner.id
+    }
+
+    /// The shard served (its expert set may change while serving).
+    pub fn shard(&self) -> &Arc<ExpertShard<B>> {
+        &self.inner.shard
     }
 }
 
@@ -85,7 +115,7 @@ impl<B: Backend> Inner<B> {
                     num_layers: self.id.num_layers as u32,
                     num_experts: self.id.num_experts as u32,
                     hidden: self.id.hidden as u32,
-                    held: self.held.clone(),
+                    held: self.shard.experts().iter().map(|e| e as u32).collect(),
                 };
                 Frame::new(FrameKind::HelloAck, ack.encode())
             }
@@ -117,21 +147,27 @@ impl<B: Backend> Inner<B> {
                 ),
             );
         }
+        let held = self.shard.experts();
         if let Some(e) = req
             .routes
             .experts()
             .iter()
-            .find(|e| self.held.binary_search(e).is_err())
+            .find(|&&e| !held.contains(e as usize))
         {
             return error(
                 id,
                 ErrorCode::ExpertNotHeld,
                 format!(
                     "expert {e} is not held by node {} (holds {})",
-                    self.id.name,
-                    self.shard.experts()
+                    self.id.name, held
                 ),
             );
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        for &e in req.routes.experts() {
+            if let Some(c) = self.served.get(layer * self.id.num_experts + e as usize) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let b = self.shard.backend();
         let x = match b.upload(rows, cols, &req.hidden.to_f32()) {

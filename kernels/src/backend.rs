@@ -6,6 +6,8 @@
 //! Tensors are row-major f32 `[rows, cols]`; a batch packs the new tokens of several sequences
 //! one after another, and a [`SeqSpan`] says where each sequence's tokens are.
 
+use std::sync::Arc;
+
 use crate::KernelError;
 
 /// Storage type of a weight matrix as a checkpoint provides it (after loader conversion).
@@ -387,7 +389,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
         &self,
         x: &Self::Tensor,
         routes: &Routes,
-        experts: &[Option<ExpertMatrices<Self>>],
+        experts: &[Option<Arc<ExpertMatrices<Self>>>],
         out: &mut Self::Tensor,
     ) -> Result<(), KernelError>;
 

@@ -42,7 +42,7 @@ fn grouped_experts_match_a_naive_sum_on_every_isa() {
     let (h, inter, experts) = (40, 12, 7);
     for isa in Isa::available() {
         let b = CpuBackend::with_isa(2, isa);
-        let mut table: Vec<Option<ExpertMatrices<CpuBackend>>> = Vec::new();
+        let mut table: Vec<Option<std::sync::Arc<ExpertMatrices<CpuBackend>>>> = Vec::new();
         let mut naive_w = Vec::new();
         for e in 0..experts {
             if e == 5 {
@@ -52,10 +52,10 @@ fn grouped_experts_match_a_naive_sum_on_every_isa() {
             }
             let (gu, guv) = bf16_matrix(&b, 2 * inter, h, 10 + e as u32);
             let (dn, dnv) = bf16_matrix(&b, h, inter, 20 + e as u32);
-            table.push(Some(ExpertMatrices {
+            table.push(Some(std::sync::Arc::new(ExpertMatrices {
                 gate_up: gu,
                 down: dn,
-            }));
+            })));
             naive_w.push(Some((guv, dnv)));
         }
         // Rows with 0..4 pairs, repeated experts across rows, one expert with many rows.

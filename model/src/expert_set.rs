@@ -32,6 +32,48 @@ impl ExpertSet {
         }
     }
 
+    /// No experts (a node that has not been given any yet).
+    pub fn none(experts: usize) -> Self {
+        ExpertSet {
+            held: vec![false; experts],
+        }
+    }
+
+    /// The set of `ids` (ids at or past `experts` are ignored).
+    pub fn from_ids(ids: impl IntoIterator<Item = usize>, experts: usize) -> Self {
+        let mut s = ExpertSet::none(experts);
+        for e in ids {
+            if let Some(h) = s.held.get_mut(e) {
+                *h = true;
+            }
+        }
+        s
+    }
+
+    /// Experts in either set (the universe of `self`).
+    pub fn union(&self, other: &ExpertSet) -> Self {
+        ExpertSet::from_ids(self.iter().chain(other.iter()), self.universe())
+    }
+
+    /// Experts in `self` and not in `other`.
+    pub fn difference(&self, other: &ExpertSet) -> Self {
+        ExpertSet::from_ids(self.iter().filter(|&e| !other.contains(e)), self.universe())
+    }
+
+    /// Adds expert `e` (ignored past the universe).
+    pub fn insert(&mut self, e: usize) {
+        if let Some(h) = self.held.get_mut(e) {
+            *h = true;
+        }
+    }
+
+    /// Removes expert `e`.
+    pub fn remove(&mut self, e: usize) {
+        if let Some(h) = self.held.get_mut(e) {
+            *h = false;
+        }
+    }
+
     /// Parses `all` or a comma-separated list of ids and inclusive ranges.
     pub fn parse(spec: &str, experts: usize) -> Result<Self, ExpertSetError> {
         let spec_s = spec.trim();

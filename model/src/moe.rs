@@ -28,6 +28,13 @@ impl<B: Backend> ExpertTicket<B> for Ready<B::Tensor> {
 
 /// Runs hidden vectors through routed experts.
 pub trait ExpertExecutor<B: Backend>: Send + Sync {
+    /// A forward step starts: every layer until [`Self::end_step`] belongs to one step, so an
+    /// executor whose expert placement can change applies changes only between these calls.
+    fn begin_step(&self) {}
+
+    /// The forward step that [`Self::begin_step`] opened has ended (successfully or not).
+    fn end_step(&self) {}
+
     /// For MoE layer `layer`, writes `out[r] = Σ_j w_j · Expert_{e_j}(x[r])` over row `r`'s
     /// (expert, weight) pairs in `routes`. `x` and `out` are `[n, H]`.
     fn run(

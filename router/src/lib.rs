@@ -16,5 +16,5 @@ pub mod stats;
 
 pub use error::RouterError;
 pub use placement::{NodeSpec, Placement, PlacementError};
-pub use remote::{RemoteExperts, RouterConfig};
-pub use stats::StatsSnapshot;
+pub use remote::{RemoteExperts, RouterConfig, StepRecord};
+pub use stats::{NodeStats, StatsSnapshot};

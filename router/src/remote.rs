@@ -7,9 +7,17 @@
 //! planned again onto replicas; pairs already answered are kept. The result is the sum of the
 //! nodes' per-row partial sums taken in a fixed order — ascending node index, then attempt —
 //! so it never depends on which reply arrived first.
+//!
+//! The placement is versioned: [`RemoteExperts::set_placement`] publishes a new one, which
+//! becomes active between steps (the engine brackets each step with `begin_step`/`end_step`),
+//! never within one — so the control plane can drop an expert's old copy once every attention
+//! node reports the new version. The one exception is failover: when no live node holds an
+//! expert a step needs, the step waits (up to `failover_wait`) for a newer placement and sends
+//! only the unanswered pairs by it.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use myriad_kernels::{Backend, Routes};
@@ -20,6 +28,7 @@ use myriad_model::wire::{
 };
 use myriad_transport::{Connection, Connector, Frame, TransportError};
 use tokio::runtime::Handle;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::error::RouterError;
@@ -40,6 +49,9 @@ pub struct RouterConfig {
     pub down_for: Duration,
     /// Decoder limits for replies.
     pub limits: Limits,
+    /// How long a step waits for a newer placement when no live node holds an expert it needs
+    /// (the control plane is reassigning a dead node's experts). Zero: fail at once.
+    pub failover_wait: Duration,
 }
 
 impl Default for RouterConfig {
@@ -50,6 +62,7 @@ impl Default for RouterConfig {
             max_attempts: 3,
             down_for: Duration::from_secs(2),
             limits: Limits::default(),
+            failover_wait: Duration::ZERO,
         }
     }
 }
@@ -72,14 +85,53 @@ impl std::fmt::Display for NodeFailure {
     }
 }
 
+/// One placement version.
+struct Route {
+    version: u64,
+    placement: Placement,
+}
+
+/// When a published placement may become active.
+struct Switch {
+    in_step: bool,
+    pending: Option<Arc<Route>>,
+    /// When the running step began.
+    began: Option<Instant>,
+    /// The last steps: (end time, duration, placement version), oldest first.
+    recent: std::collections::VecDeque<StepRecord>,
+}
+
+/// One finished forward step, as the router saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct StepRecord {
+    pub ended: Instant,
+    pub duration: Duration,
+    pub placement_version: u64,
+}
+
+/// Steps remembered for [`RemoteExperts::recent_steps`].
+const RECENT_STEPS: usize = 4096;
+
 struct Inner<B: Backend> {
     backend: Arc<B>,
-    placement: Placement,
     connector: Arc<dyn Connector>,
-    conns: Mutex<Vec<Option<Arc<dyn Connection>>>>,
-    down_until: Mutex<Vec<Option<Instant>>>,
-    /// Pairs sent to each node and not yet answered (load for replica choice).
-    queued: Vec<AtomicUsize>,
+    /// The placement steps use; changes only between steps.
+    active: RwLock<Arc<Route>>,
+    switch: Mutex<Switch>,
+    /// The newest placement published (what a failing step may wait for).
+    published: watch::Sender<Arc<Route>>,
+    /// The version of the active placement, for whoever reports it to the control plane.
+    applied: watch::Sender<u64>,
+    /// Connections by address, kept across placement versions.
+    conns: Mutex<HashMap<String, Arc<dyn Connection>>>,
+    /// Nodes (by name) left out of plans until the given time.
+    down_until: Mutex<HashMap<String, Instant>>,
+    /// Nodes (by name) whose last call failed in transport (no answer); cleared by a success.
+    unreachable: Mutex<std::collections::BTreeSet<String>>,
+    /// Pairs sent to each node (by name) and not yet answered (load for replica choice).
+    queued: Mutex<HashMap<String, usize>>,
+    /// Tokens routed to each expert of each layer since start, `[layer * experts + expert]`.
+    expert_tokens: Vec<AtomicU64>,
     next_id: AtomicU64,
     config: RouterConfig,
     hidden: usize,
@@ -94,8 +146,8 @@ pub struct RemoteExperts<B: Backend> {
 }
 
 impl<B: Backend> RemoteExperts<B> {
-    /// A router over `placement`, dialling with `connector` and running its I/O on `runtime`.
-    /// `hidden` and `layers` are the model's (checked against every reply).
+    /// A router over `placement` (version 0), dialling with `connector` and running its I/O on
+    /// `runtime`. `hidden` and `layers` are the model's (checked against every reply).
     pub fn new(
         backend: Arc<B>,
         placement: Placement,
@@ -105,19 +157,46 @@ impl<B: Backend> RemoteExperts<B> {
         layers: usize,
         config: RouterConfig,
     ) -> Self {
-        let n = placement.nodes().len();
+        Self::with_version(
+            backend, 0, placement, connector, runtime, hidden, layers, config,
+        )
+    }
+
+    /// As [`Self::new`], starting at placement `version`.
+    pub fn with_version(
+        backend: Arc<B>,
+        version: u64,
+        placement: Placement,
+        connector: Arc<dyn Connector>,
+        runtime: Handle,
+        hidden: usize,
+        layers: usize,
+        config: RouterConfig,
+    ) -> Self {
+        let experts = placement.num_experts();
+        let route = Arc::new(Route { version, placement });
         let inner = Inner {
             backend,
             connector,
-            conns: Mutex::new(vec![None; n]),
-            down_until: Mutex::new(vec![None; n]),
-            queued: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            active: RwLock::new(route.clone()),
+            switch: Mutex::new(Switch {
+                in_step: false,
+                pending: None,
+                began: None,
+                recent: std::collections::VecDeque::new(),
+            }),
+            published: watch::Sender::new(route),
+            applied: watch::Sender::new(version),
+            conns: Mutex::new(HashMap::new()),
+            down_until: Mutex::new(HashMap::new()),
+            unreachable: Mutex::new(std::collections::BTreeSet::new()),
+            queued: Mutex::new(HashMap::new()),
+            expert_tokens: (0..layers * experts).map(|_| AtomicU64::new(0)).collect(),
             next_id: AtomicU64::new(1),
             config,
             hidden,
             layers,
-            stats: Stats::new(n),
-            placement,
+            stats: Stats::default(),
         };
         RemoteExperts {
             inner: Arc::new(inner),
@@ -125,24 +204,102 @@ impl<B: Backend> RemoteExperts<B> {
         }
     }
 
-    pub fn placement(&self) -> &Placement {
-        &self.inner.placement
+    /// The active placement.
+    pub fn placement(&self) -> Placement {
+        self.inner.active().placement.clone()
     }
 
-    /// Dials every node, checks that it serves this model (`fingerprint`) and holds at least
-    /// what the placement assigns it. Blocks; call from outside the runtime.
+    /// The version of the active placement.
+    pub fn placement_version(&self) -> u64 {
+        self.inner.active().version
+    }
+
+    /// Follows the active placement version (it changes between steps).
+    pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
+        self.inner.applied.subscribe()
+    }
+
+    /// Publishes placement `version`. It becomes active at once when no step is running, else
+    /// when the running step ends. Versions at or below the newest published are ignored;
+    /// a placement for another number of experts is refused.
+    pub fn set_placement(&self, version: u64, placement: Placement) -> Result<(), RouterError> {
+        let inner = &self.inner;
+        let experts = inner.expert_tokens.len() / inner.layers.max(1);
+        if placement.num_experts() != experts {
+            return Err(RouterError::Placement(
+                crate::placement::PlacementError::Invalid {
+                    origin: format!("placement version {version}"),
+                    detail: format!(
+                        "describes {} experts, the model has {experts}",
+                        placement.num_experts()
+                    ),
+                },
+            ));
+        }
+        if version <= inner.published.borrow().version {
+            return Ok(());
+        }
+        let route = Arc::new(Route { version, placement });
+        let mut sw = inner.switch.lock().unwrap_or_else(|e| e.into_inner());
+        inner.published.send_replace(route.clone());
+        if sw.in_step {
+            sw.pending = Some(route);
+        } else {
+            inner.activate(route);
+        }
+        Ok(())
+    }
+
+    /// Nodes of the active placement whose last call got no answer (none succeeded since):
+    /// what the control plane is told, so it can replace a node that is registered but hung.
+    pub fn unreachable_nodes(&self) -> Vec<String> {
+        let placement = self.placement();
+        self.inner
+            .unreachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|n| placement.node(n).is_some())
+            .cloned()
+            .collect()
+    }
+
+    /// The last few thousand forward steps, oldest first.
+    pub fn recent_steps(&self) -> Vec<StepRecord> {
+        let sw = self.inner.switch.lock().unwrap_or_else(|e| e.into_inner());
+        sw.recent.iter().copied().collect()
+    }
+
+    /// Tokens routed to each expert of each layer since start, `[layer][expert]`.
+    pub fn expert_tokens(&self) -> Vec<Vec<u64>> {
+        let layers = self.inner.layers.max(1);
+        let experts = self.inner.expert_tokens.len() / layers;
+        self.inner
+            .expert_tokens
+            .chunks(experts.max(1))
+            .map(|c| c.iter().map(|t| t.load(Ordering::Relaxed)).collect())
+            .collect()
+    }
+
+    /// Dials every node of the active placement, checks that it serves this model
+    /// (`fingerprint`) and holds at least what the placement assigns it. Blocks; call from
+    /// outside the runtime.
     pub fn handshake(&self, client: &str, fingerprint: u64) -> Result<Vec<HelloAck>, RouterError> {
         let inner = self.inner.clone();
+        let route = inner.active();
         let client = client.to_string();
         self.runtime.block_on(async move {
             let mut acks = Vec::new();
-            for (i, node) in inner.placement.nodes().iter().enumerate() {
+            for node in route.placement.nodes() {
                 let fail = |reason: String| RouterError::Handshake {
                     node: node.name.clone(),
                     addr: node.addr.clone(),
                     reason,
                 };
-                let conn = inner.conn(i).await.map_err(|e| fail(e.to_string()))?;
+                let conn = inner
+                    .conn(&node.addr)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
                 let hello = Hello {
                     client: client.clone(),
                     model_fingerprint: fingerprint,
@@ -182,69 +339,140 @@ impl<B: Backend> RemoteExperts<B> {
 
     /// Counters since start.
     pub fn stats(&self) -> StatsSnapshot {
-        self.inner.stats.snapshot(&self.inner.placement)
+        self.inner.stats.snapshot()
     }
 }
 
 impl<B: Backend> Inner<B> {
-    fn usable(&self) -> Vec<bool> {
+    fn active(&self) -> Arc<Route> {
+        self.active
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn activate(&self, route: Arc<Route>) {
+        let version = route.version;
+        *self.active.write().unwrap_or_else(|e| e.into_inner()) = route;
+        self.applied.send_replace(version);
+        self.stats.record_switch();
+    }
+
+    fn begin_step(&self) {
+        let mut sw = self.switch.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(route) = sw.pending.take() {
+            self.activate(route);
+        }
+        sw.in_step = true;
+        sw.began = Some(Instant::now());
+    }
+
+    fn end_step(&self) {
+        let mut sw = self.switch.lock().unwrap_or_else(|e| e.into_inner());
+        sw.in_step = false;
+        if let Some(t0) = sw.began.take() {
+            if sw.recent.len() == RECENT_STEPS {
+                sw.recent.pop_front();
+            }
+            let now = Instant::now();
+            let version = self.active().version;
+            sw.recent.push_back(StepRecord {
+                ended: now,
+                duration: now - t0,
+                placement_version: version,
+            });
+        }
+        if let Some(route) = sw.pending.take() {
+            self.activate(route);
+        }
+    }
+
+    fn usable(&self, placement: &Placement) -> Vec<bool> {
         let now = Instant::now();
         let down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
-        down.iter().map(|d| d.is_none_or(|t| now >= t)).collect()
+        placement
+            .nodes()
+            .iter()
+            .map(|n| down.get(&n.name).is_none_or(|t| now >= *t))
+            .collect()
     }
 
-    fn mark_down(&self, node: usize) {
+    fn queued(&self, placement: &Placement) -> Vec<usize> {
+        let q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        placement
+            .nodes()
+            .iter()
+            .map(|n| q.get(&n.name).copied().unwrap_or(0))
+            .collect()
+    }
+
+    fn add_queued(&self, node: &str, pairs: isize) {
+        let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        let v = q.entry(node.to_string()).or_insert(0);
+        *v = v.saturating_add_signed(pairs);
+    }
+
+    fn mark_down(&self, name: &str, addr: &str) {
+        self.unreachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
         let mut down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
-        down[node] = Some(Instant::now() + self.config.down_for);
+        down.insert(name.to_string(), Instant::now() + self.config.down_for);
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns[node] = None;
+        conns.remove(addr);
     }
 
-    fn mark_up(&self, node: usize) {
+    fn mark_up(&self, name: &str) {
+        self.unreachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         let mut down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
-        down[node] = None;
+        down.remove(name);
     }
 
-    /// A live connection to `node`, dialled if needed.
-    async fn conn(&self, node: usize) -> Result<Arc<dyn Connection>, TransportError> {
+    /// A live connection to `addr`, dialled if needed.
+    async fn conn(&self, addr: &str) -> Result<Arc<dyn Connection>, TransportError> {
         let cached = {
             let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-            conns[node].clone()
+            conns.get(addr).cloned()
         };
         if let Some(c) = cached
             && !c.is_closed()
         {
             return Ok(c);
         }
-        let addr = self.placement.nodes()[node].addr.clone();
         let c =
-            match tokio::time::timeout(self.config.connect_timeout, self.connector.connect(&addr))
+            match tokio::time::timeout(self.config.connect_timeout, self.connector.connect(addr))
                 .await
             {
                 Ok(r) => r?,
                 Err(_) => {
                     return Err(TransportError::Timeout {
-                        peer: addr,
+                        peer: addr.to_string(),
                         after: self.config.connect_timeout,
                     });
                 }
             };
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns[node] = Some(c.clone());
+        conns.insert(addr.to_string(), c.clone());
         Ok(c)
     }
 
-    /// Sends one sub-batch to `node` and returns its per-row partial sums.
+    /// Sends one sub-batch to the node at `addr` and returns its per-row partial sums.
     async fn send(
         &self,
-        node: usize,
+        name: &str,
+        addr: &str,
         layer: usize,
         rows: usize,
         hidden: Vec<f32>,
         routes: Routes,
     ) -> Result<Vec<f32>, NodeFailure> {
-        let conn = self.conn(node).await.map_err(NodeFailure::Transport)?;
+        let conn = self.conn(addr).await.map_err(NodeFailure::Transport)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let pairs = routes.pairs();
         let request = ExpertRequest {
             id,
             layer: layer as u32,
@@ -266,8 +494,13 @@ impl<B: Backend> Inner<B> {
             )
             .await
             .map_err(NodeFailure::Transport)?;
-        self.stats
-            .record_call(node, sent, HEADER_LEN + reply.payload.len(), t0.elapsed());
+        self.stats.record_call(
+            name,
+            pairs,
+            sent,
+            HEADER_LEN + reply.payload.len(),
+            t0.elapsed(),
+        );
         match reply.kind {
             FrameKind::ExpertResponse => {
                 let r = ExpertResponse::decode(&reply.payload, &self.config.limits)
@@ -291,6 +524,23 @@ impl<B: Backend> Inner<B> {
         }
     }
 
+    /// A placement newer than `version`, waiting for one until `deadline`.
+    async fn newer_route(&self, version: u64, deadline: Instant) -> Option<Arc<Route>> {
+        let mut rx = self.published.subscribe();
+        loop {
+            {
+                let r = rx.borrow_and_update();
+                if r.version > version {
+                    return Some(r.clone());
+                }
+            }
+            match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return None,
+            }
+        }
+    }
+
     async fn dispatch(
         self: Arc<Self>,
         layer: usize,
@@ -299,82 +549,124 @@ impl<B: Backend> Inner<B> {
     ) -> Result<Vec<f32>, ExpertError> {
         let h = self.hidden;
         let n = routes.rows();
+        let mut route = self.active();
         let mut work_rows: Vec<usize> = (0..n).collect();
         let mut work = routes;
-        // (node, attempt, original rows, partial sums)
+        // (attempt, node index in that attempt's placement, original rows, partial sums)
         let mut partials: Vec<(usize, usize, Vec<usize>, Vec<f32>)> = Vec::new();
         let mut failures: Vec<String> = Vec::new();
-        let mut excluded = vec![false; self.placement.nodes().len()];
-        for attempt in 0..self.config.max_attempts.max(1) {
+        // Nodes (by name) that refused this step's requests: not asked again within it.
+        let mut excluded: Vec<String> = Vec::new();
+        let failover_until = Instant::now() + self.config.failover_wait;
+        let mut attempt = 0;
+        let mut attempts_left = self.config.max_attempts.max(1);
+        while attempts_left > 0 {
+            let nodes = route.placement.nodes();
             let usable: Vec<bool> = self
-                .usable()
+                .usable(&route.placement)
                 .iter()
-                .zip(&excluded)
-                .map(|(u, x)| *u && !x)
+                .zip(nodes)
+                .map(|(u, node)| *u && !excluded.contains(&node.name))
                 .collect();
-            let queued: Vec<usize> = self
-                .queued
-                .iter()
-                .map(|q| q.load(Ordering::Relaxed))
-                .collect();
-            let planned = plan(&work, &self.placement, &usable, &queued).map_err(|e| {
-                ExpertError::Unavailable {
-                    layer,
-                    expert: match e {
-                        crate::plan::PlanError::NoHolder { expert } => expert,
-                    },
-                    reason: if failures.is_empty() {
-                        "no expert node that holds it is reachable".to_string()
-                    } else {
-                        format!("every node that holds it failed: {}", failures.join("; "))
-                    },
+            let queued = self.queued(&route.placement);
+            let planned = match plan(&work, &route.placement, &usable, &queued) {
+                Ok(p) => p,
+                Err(crate::plan::PlanError::NoHolder { expert }) => {
+                    // The control plane may be reassigning a dead node's experts.
+                    if let Some(newer) = self.newer_route(route.version, failover_until).await {
+                        route = newer;
+                        excluded.clear();
+                        attempts_left = self.config.max_attempts.max(1);
+                        continue;
+                    }
+                    return Err(ExpertError::Unavailable {
+                        layer,
+                        expert,
+                        reason: if failures.is_empty() {
+                            "no expert node that holds it is reachable".to_string()
+                        } else {
+                            format!("every node that holds it failed: {}", failures.join("; "))
+                        },
+                    });
                 }
-            })?;
+            };
             self.stats.record_plan(planned.row_visits(), h);
             let mut set = JoinSet::new();
+            let mut batches = Vec::new();
+            let mut task_batch = HashMap::new();
             for b in planned.batches {
                 let mut xs = Vec::with_capacity(b.rows.len() * h);
                 for &i in &b.rows {
                     let r = work_rows[i];
                     xs.extend_from_slice(&x[r * h..(r + 1) * h]);
                 }
-                let pairs = b.routes.pairs();
-                self.queued[b.node].fetch_add(pairs, Ordering::Relaxed);
+                let node = &nodes[b.node];
+                let queued = Queued::new(self.clone(), &node.name, b.routes.pairs());
+                let (name, addr, routes) = (node.name.clone(), node.addr.clone(), b.routes.clone());
                 let inner = self.clone();
-                set.spawn(async move {
-                    let rows = b.rows.len();
-                    let r = inner.send(b.node, layer, rows, xs, b.routes.clone()).await;
-                    inner.queued[b.node].fetch_sub(pairs, Ordering::Relaxed);
-                    (b, r)
+                let rows = b.rows.len();
+                let task = set.spawn(async move {
+                    let r = inner.send(&name, &addr, layer, rows, xs, routes).await;
+                    drop(queued);
+                    r
                 });
+                task_batch.insert(task.id(), batches.len());
+                batches.push((b, task));
             }
             let mut retry_rows = Vec::new();
             let mut retry = Routes::new();
-            while let Some(done) = set.join_next().await {
-                let (b, result) = done.map_err(|e| ExpertError::Remote {
-                    layer,
-                    reason: format!("dispatch task failed: {e}"),
-                })?;
-                let name = &self.placement.nodes()[b.node].name;
+            // A newer placement that drops a node we are waiting on means the control plane
+            // found it dead (its lease lapsed): stop waiting for it.
+            let mut newest = self.published.subscribe();
+            newest.borrow_and_update();
+            loop {
+                let (i, result) = tokio::select! {
+                    done = set.join_next_with_id() => match done {
+                        None => break,
+                        Some(Ok((id, r))) => (task_batch[&id], r),
+                        Some(Err(e)) if e.is_cancelled() => (
+                            task_batch[&e.id()],
+                            Err(NodeFailure::Transport(TransportError::Closed {
+                                peer: nodes[batches[task_batch[&e.id()]].0.node].addr.clone(),
+                                reason: "the control plane removed the node (its lease lapsed)"
+                                    .into(),
+                            })),
+                        ),
+                        Some(Err(e)) => {
+                            return Err(ExpertError::Remote {
+                                layer,
+                                reason: format!("dispatch task failed: {e}"),
+                            });
+                        }
+                    },
+                    Ok(()) = newest.changed() => {
+                        let now = newest.borrow_and_update().clone();
+                        for (b, task) in &batches {
+                            if now.placement.node(&nodes[b.node].name).is_none() {
+                                task.abort();
+                            }
+                        }
+                        continue;
+                    }
+                };
+                let b = &batches[i].0;
+                let node = &nodes[b.node];
                 match result {
                     Ok(partial) => {
-                        self.mark_up(b.node);
+                        self.mark_up(&node.name);
                         partials.push((
-                            b.node,
                             attempt,
+                            b.node,
                             b.rows.iter().map(|&i| work_rows[i]).collect(),
                             partial,
                         ));
                     }
                     Err(f) => {
-                        failures.push(format!(
-                            "{name} ({}): {f}",
-                            self.placement.nodes()[b.node].addr
-                        ));
+                        failures.push(format!("{} ({}): {f}", node.name, node.addr));
                         match f {
-                            NodeFailure::Transport(_) => self.mark_down(b.node),
+                            NodeFailure::Transport(_) => self.mark_down(&node.name, &node.addr),
                             NodeFailure::Refused(_) | NodeFailure::Protocol(_) => {
-                                excluded[b.node] = true
+                                excluded.push(node.name.clone())
                             }
                         }
                         for (i, &row) in b.rows.iter().enumerate() {
@@ -391,6 +683,15 @@ impl<B: Backend> Inner<B> {
             self.stats.record_failover();
             work_rows = retry_rows;
             work = retry;
+            attempt += 1;
+            attempts_left -= 1;
+            if attempts_left == 0
+                && let Some(newer) = self.newer_route(route.version, failover_until).await
+            {
+                route = newer;
+                excluded.clear();
+                attempts_left = self.config.max_attempts.max(1);
+            }
         }
         Err(ExpertError::Remote {
             layer,
@@ -399,13 +700,38 @@ impl<B: Backend> Inner<B> {
     }
 }
 
-/// Sums partial results in (node, attempt) order into `[n, h]`.
+/// Pairs in flight to one node, counted while the request lives (however it ends).
+struct Queued<B: Backend> {
+    inner: Arc<Inner<B>>,
+    node: String,
+    pairs: isize,
+}
+
+impl<B: Backend> Queued<B> {
+    fn new(inner: Arc<Inner<B>>, node: &str, pairs: usize) -> Self {
+        let pairs = pairs as isize;
+        inner.add_queued(node, pairs);
+        Queued {
+            inner,
+            node: node.to_string(),
+            pairs,
+        }
+    }
+}
+
+impl<B: Backend> Drop for Queued<B> {
+    fn drop(&mut self) {
+        self.inner.add_queued(&self.node, -self.pairs);
+    }
+}
+
+/// Sums partial results in (attempt, node) order into `[n, h]`.
 fn combine(
     n: usize,
     h: usize,
     mut partials: Vec<(usize, usize, Vec<usize>, Vec<f32>)>,
 ) -> Vec<f32> {
-    partials.sort_by_key(|(node, attempt, _, _)| (*node, *attempt));
+    partials.sort_by_key(|(attempt, node, _, _)| (*attempt, *node));
     let mut out = vec![0f32; n * h];
     for (_, _, rows, p) in &partials {
         for (i, &r) in rows.iter().enumerate() {
@@ -460,6 +786,14 @@ impl<B: Backend> ExpertTicket<B> for RemoteTicket<B> {
 }
 
 impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
+    fn begin_step(&self) {
+        self.inner.begin_step();
+    }
+
+    fn end_step(&self) {
+        self.inner.end_step();
+    }
+
     fn run(
         &self,
         layer: usize,
@@ -502,6 +836,12 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
                     inner.hidden
                 ),
             });
+        }
+        let experts = inner.expert_tokens.len() / inner.layers.max(1);
+        for &e in routes.experts() {
+            if let Some(t) = inner.expert_tokens.get(layer * experts + e as usize) {
+                t.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let host = inner.backend.download(x);
         let task = self

@@ -31,6 +31,8 @@ pub enum BenchCmd {
     Prefill(PrefillArgs),
     /// Expert dispatch: per-layer round trips and wire bytes; cluster vs single-process decode.
     Dispatch(crate::cmd::bench_dispatch::DispatchArgs),
+    /// Control plane: imbalance before/after a rebalance, step times during it, failover time.
+    Control(crate::cmd::bench_control::ControlBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -131,7 +133,7 @@ fn load(c: &CommonArgs) -> Result<LocalEngine> {
 }
 
 /// Random prompt tokens from a seeded generator (regular vocabulary only).
-fn prompt(config: &ModelConfig, len: usize, seed: u64) -> Vec<u32> {
+pub(crate) fn prompt(config: &ModelConfig, len: usize, seed: u64) -> Vec<u32> {
     let mut rng = myriad_attention::rng::Rng::new(seed);
     let regular = (config.vocab_size * 9 / 10).max(1) as u64;
     (0..len)
@@ -162,6 +164,7 @@ pub fn run(cmd: &BenchCmd) -> Result<()> {
         BenchCmd::Decode(a) => decode(a),
         BenchCmd::Prefill(a) => prefill(a),
         BenchCmd::Dispatch(a) => crate::cmd::bench_dispatch::run(a),
+        BenchCmd::Control(a) => crate::cmd::bench_control::run(a),
     }
 }
 

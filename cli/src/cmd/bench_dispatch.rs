@@ -255,6 +255,7 @@ pub fn run(a: &DispatchArgs) -> Result<()> {
             insecure_dev_certs: false,
             ping_pong: false,
             ready_timeout_s: 600,
+            etcd: None,
             runtime: a.runtime.clone(),
         };
         let cluster = start_cluster(&exe, &dir, &launch)?;

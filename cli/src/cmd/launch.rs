@@ -44,6 +44,11 @@ pub struct LaunchArgs {
     /// How long to wait for the expert nodes to come up, in seconds.
     #[arg(long, default_value_t = 300)]
     pub ready_timeout_s: u64,
+    /// Use this etcd as the control plane: expert nodes register and take their experts from
+    /// the placement it holds, and the attention side runs the controller (instead of a
+    /// static placement file).
+    #[arg(long)]
+    pub etcd: Option<String>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -220,6 +225,147 @@ pub fn start_cluster(exe: &Path, dir: &Path, args: &LaunchArgs) -> Result<Cluste
     Ok(cluster)
 }
 
+/// `launch --etcd`: expert nodes that take their experts from the control plane.
+fn run_controlled(a: &LaunchArgs, exe: &Path, dir: &Path, etcd: &str) -> Result<()> {
+    let spec = ExpertProcessSpec {
+        exe,
+        model: dir,
+        etcd,
+        cluster: "default",
+        lease_ttl_ms: 3000,
+        threads: a.node_threads,
+        ready_timeout: Duration::from_secs(a.ready_timeout_s),
+        metrics: false,
+        load_duty: 0.25,
+    };
+    let nodes = (0..a.expert_nodes)
+        .map(|i| ExpertProcess::start(&spec, &format!("e{i}"), None))
+        .collect::<Result<Vec<_>>>()?;
+    eprintln!(
+        "{} expert nodes registered with {etcd}: {}",
+        nodes.len(),
+        nodes
+            .iter()
+            .map(|n| n.addr.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let cluster_args = ClusterArgs {
+        control: crate::control::ControlArgs {
+            etcd: vec![etcd.to_string()],
+            cluster_name: "default".into(),
+            lease_ttl_ms: 3000,
+        },
+        min_expert_nodes: a.expert_nodes,
+        replicas: a.replicas,
+        ping_pong: a.ping_pong,
+        failover_wait_ms: 60_000,
+        ..ClusterArgs::default()
+    };
+    let tls = TlsArgs {
+        insecure_dev_certs: true,
+        ..TlsArgs::default()
+    };
+    let engine = load_with(dir, &a.runtime.options(), &cluster_args, &tls)?;
+    serve_requests(&engine, std::io::stdin().lock(), std::io::stdout().lock())
+}
+
+/// One `myriad node expert --etcd` process (experts from the control plane); killed on drop.
+pub struct ExpertProcess {
+    child: Child,
+    pub name: String,
+    /// The address it serves on.
+    pub addr: String,
+}
+
+/// How to start an [`ExpertProcess`].
+#[derive(Clone, Debug)]
+pub struct ExpertProcessSpec<'a> {
+    pub exe: &'a Path,
+    pub model: &'a Path,
+    pub etcd: &'a str,
+    pub cluster: &'a str,
+    pub lease_ttl_ms: u64,
+    pub threads: usize,
+    pub ready_timeout: Duration,
+    /// Serve `/metrics` on a free loopback port (its address is in the node's record).
+    pub metrics: bool,
+    /// `--load-duty`: the share of a core a rebalance's loads may take.
+    pub load_duty: f64,
+}
+
+impl ExpertProcess {
+    /// Starts node `name` (holding `experts` at first, or nothing until assigned) on a free
+    /// loopback port with development certificates, and waits for its ready line.
+    pub fn start(spec: &ExpertProcessSpec<'_>, name: &str, experts: Option<&str>) -> Result<Self> {
+        let mut cmd = Command::new(spec.exe);
+        cmd.args(["node", "expert", "--model"])
+            .arg(spec.model)
+            .args(["--listen", "127.0.0.1:0", "--name", name])
+            .args(["--etcd", spec.etcd, "--cluster", spec.cluster])
+            .args(["--lease-ttl-ms", &spec.lease_ttl_ms.to_string()])
+            .args([
+                "--threads",
+                &spec.threads.to_string(),
+                "--insecure-dev-certs",
+            ])
+            .args(["--load-duty", &spec.load_duty.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(e) = experts {
+            cmd.args(["--experts", e]);
+        }
+        if spec.metrics {
+            cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting expert node {name}"))?;
+        let stdout = child.stdout.take().context("expert node stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            for _ in lines {}
+        });
+        let mut node = ExpertProcess {
+            child,
+            name: name.to_string(),
+            addr: String::new(),
+        };
+        match rx.recv_timeout(spec.ready_timeout) {
+            Ok(Some(Ok(l))) if l.starts_with("ready ") => {
+                node.addr = l.trim_start_matches("ready ").trim().to_string();
+                Ok(node)
+            }
+            Ok(Some(Ok(l))) => bail!("expert node {name} said {l:?} instead of ready"),
+            Ok(_) => bail!("expert node {name} exited before it was ready"),
+            Err(_) => bail!(
+                "expert node {name} was not ready within {:?}",
+                spec.ready_timeout
+            ),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process (SIGKILL: no goodbye to the control plane, as in a crash).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ExpertProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 fn unique() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -233,6 +379,9 @@ pub fn run(a: &LaunchArgs) -> Result<()> {
         None => crate::builtin::default_model()?,
     };
     let exe = std::env::current_exe().context("locating the myriad binary")?;
+    if let Some(etcd) = &a.etcd {
+        return run_controlled(a, &exe, &dir, etcd);
+    }
     let cluster = start_cluster(&exe, &dir, a)?;
     eprintln!(
         "{} expert nodes ready on {}",

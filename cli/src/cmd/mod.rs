@@ -1,8 +1,10 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_control;
 pub mod bench_dispatch;
 pub mod certs;
+pub mod control;
 pub mod generate;
 pub mod launch;
 pub mod make_model;

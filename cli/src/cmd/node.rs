@@ -18,9 +18,16 @@ use myriad_model::{Checkpoint, ExpertSet, ModelConfig};
 use myriad_router::Placement;
 use serde::Deserialize;
 
-use crate::cluster::{ClusterArgs, TlsArgs, io_runtime, serve_experts};
+use myriad_control::Registration;
+use myriad_control::expert_agent::{PacedShard, serve_assignments};
+use myriad_control::records::ExpertNodeRecord;
+use myriad_expert::ExpertShard;
+
+use crate::cluster::{ClusterArgs, TlsArgs, io_runtime, routed_expert_bytes, serve_shard};
 use crate::cmd::generate::completion_json;
+use crate::control::ControlArgs;
 use crate::local::{LocalEngine, load_with};
+use crate::metrics::serve_expert_metrics;
 use crate::runtime::RuntimeArgs;
 
 #[derive(Subcommand, Debug)]
@@ -48,6 +55,23 @@ pub struct ExpertArgs {
     /// This node's name (default: its listen address).
     #[arg(long)]
     pub name: Option<String>,
+    /// Register with the control plane and hold what it assigns (see --experts for a start).
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// With --etcd: memory this node may fill with experts, in GiB (default: what the
+    /// machine has available now).
+    #[arg(long)]
+    pub memory_gb: Option<f64>,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Also report token counts per layer (a label set 1 + layers times larger).
+    #[arg(long)]
+    pub metrics_per_layer: bool,
+    /// With --etcd: the share of one core that loading experts for a rebalance or drain may
+    /// take (a failover's loads always run at full speed: steps wait for them).
+    #[arg(long, default_value_t = 0.25)]
+    pub load_duty: f64,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -71,9 +95,12 @@ pub fn run(cmd: &NodeCmd) -> Result<()> {
     match cmd {
         NodeCmd::Expert(a) => expert(a),
         NodeCmd::Attention(a) => {
-            if a.cluster.placement.is_none() && a.cluster.expert_nodes.is_empty() {
+            if a.cluster.placement.is_none()
+                && a.cluster.expert_nodes.is_empty()
+                && !a.cluster.control.enabled()
+            {
                 bail!(
-                    "an attention node needs its expert nodes: --expert-nodes ADDR,… or --placement FILE"
+                    "an attention node needs its expert nodes: --etcd URL, --expert-nodes ADDR,… or --placement FILE"
                 );
             }
             let engine = load_with(&a.model, &a.runtime.options(), &a.cluster, &a.tls)?;
@@ -83,6 +110,9 @@ pub fn run(cmd: &NodeCmd) -> Result<()> {
 }
 
 fn expert(a: &ExpertArgs) -> Result<()> {
+    if a.control.enabled() {
+        return controlled_expert(a);
+    }
     let config = ModelConfig::from_dir(&a.model)?;
     let ckpt = Checkpoint::open(&a.model, &config)
         .with_context(|| format!("opening the checkpoint in {}", a.model.display()))?;
@@ -104,18 +134,15 @@ fn expert(a: &ExpertArgs) -> Result<()> {
         }
     };
     let tls = a.tls.config()?;
-    let opts = a.runtime.options();
-    let backend = Arc::new(
-        match opts.isa {
-            Some(isa) => CpuBackend::with_isa(opts.threads, isa),
-            None => CpuBackend::new(opts.threads),
-        }
-        .with_precision(opts.precision),
-    );
+    let backend = backend_for(&a.runtime.options());
     let runtime = io_runtime()?;
-    let server = serve_experts(
-        &runtime, backend, &config, &ckpt, &set, &name, a.listen, &tls,
-    )?;
+    let shard = Arc::new(
+        ExpertShard::load(backend, &config, &ckpt, &set).context("loading this node's experts")?,
+    );
+    let (server, service) = serve_shard(&runtime, shard, &config, &name, a.listen, &tls)?;
+    if let Some(m) = a.metrics_addr {
+        serve_expert_metrics(&runtime, m, service, a.metrics_per_layer)?;
+    }
     let addr = server.local_addr();
     eprintln!(
         "expert node {name} listening on {addr}, holding experts {set} of {} layers",
@@ -130,6 +157,115 @@ fn expert(a: &ExpertArgs) -> Result<()> {
     eprintln!("expert node {name} stopping");
     server.shutdown();
     Ok(())
+}
+
+fn backend_for(opts: &crate::local::LocalOptions) -> Arc<CpuBackend> {
+    Arc::new(
+        match opts.isa {
+            Some(isa) => CpuBackend::with_isa(opts.threads, isa),
+            None => CpuBackend::new(opts.threads),
+        }
+        .with_precision(opts.precision),
+    )
+}
+
+/// An expert node under the control plane: registers (address, memory, what it holds) under a
+/// lease, then loads and drops experts as its assignment says.
+fn controlled_expert(a: &ExpertArgs) -> Result<()> {
+    let config = ModelConfig::from_dir(&a.model)?;
+    let ckpt = Arc::new(
+        Checkpoint::open(&a.model, &config)
+            .with_context(|| format!("opening the checkpoint in {}", a.model.display()))?,
+    );
+    let set = match &a.experts {
+        Some(spec) => ExpertSet::parse(spec, config.num_experts)?,
+        None => ExpertSet::none(config.num_experts),
+    };
+    let tls = a.tls.config()?;
+    let backend = backend_for(&a.runtime.options());
+    let runtime = io_runtime()?;
+    let shard = Arc::new(
+        ExpertShard::load_growable(backend, &config, ckpt.clone(), &set)
+            .context("loading this node's experts")?,
+    );
+    let name = a.name.clone().unwrap_or_else(|| a.listen.to_string());
+    let (server, service) = serve_shard(&runtime, shard.clone(), &config, &name, a.listen, &tls)?;
+    let addr = server.local_addr();
+    let metrics = match a.metrics_addr {
+        Some(m) => Some(serve_expert_metrics(
+            &runtime,
+            m,
+            service,
+            a.metrics_per_layer,
+        )?),
+        None => None,
+    };
+    let store = a.control.store(&runtime)?;
+    let keys = a.control.keys();
+    let registration = Arc::new(
+        runtime
+            .block_on(Registration::new(store.clone(), a.control.lease_ttl()))
+            .context("registering with the control plane")?,
+    );
+    let memory_bytes = match a.memory_gb {
+        Some(gb) => (gb * (1u64 << 30) as f64) as u64,
+        None => available_memory().unwrap_or(16 << 30),
+    };
+    let record = ExpertNodeRecord {
+        name: name.clone(),
+        addr: addr.to_string(),
+        memory_bytes,
+        expert_bytes: (routed_expert_bytes(&config, &ckpt) * config.num_layers) as u64,
+        held: set.to_string(),
+        model_fingerprint: config.fingerprint(),
+        metrics_addr: metrics.map(|m| m.to_string()),
+        applied_serial: 0,
+        load_error: None,
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = runtime.spawn(serve_assignments(
+        store,
+        keys.clone(),
+        registration.clone(),
+        record,
+        Arc::new(PacedShard {
+            shard,
+            background_duty: a.load_duty,
+        }),
+        stopped,
+    ));
+    eprintln!(
+        "expert node {name} listening on {addr}, registered under {} (holding {})",
+        keys.root(),
+        if set.is_empty() {
+            "nothing yet".to_string()
+        } else {
+            set.to_string()
+        }
+    );
+    println!("ready {addr}");
+    std::io::stdout()
+        .flush()
+        .context("writing the ready line")?;
+    runtime.block_on(shutdown_signal());
+    eprintln!("expert node {name} stopping");
+    let _ = stop.send(true);
+    agent.abort();
+    if let Ok(r) = Arc::try_unwrap(registration) {
+        let _ = runtime.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(2), r.leave()).await
+        });
+    }
+    server.shutdown();
+    Ok(())
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -24,6 +24,17 @@ unsafe impl Sync for AlignedBuf {}
 
 const HUGE_PAGE: usize = 2 << 20;
 
+thread_local! {
+    static SMALL_PAGES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Weights allocated on this thread from now on use ordinary pages. For loads while serving:
+/// a huge-page fault may compact memory, migrating other threads' pages under them, which
+/// stalls the steps being served; ordinary pages cost a little speed on those weights instead.
+pub fn use_small_pages_on_this_thread() {
+    SMALL_PAGES.with(|s| s.set(true));
+}
+
 #[cfg(target_os = "linux")]
 fn advise_huge_pages(ptr: *mut u8, len: usize) {
     const MADV_HUGEPAGE: i32 = 14;
@@ -57,7 +68,7 @@ impl AlignedBuf {
         let Some(ptr) = std::ptr::NonNull::new(raw) else {
             std::alloc::handle_alloc_error(layout)
         };
-        if align == HUGE_PAGE {
+        if align == HUGE_PAGE && !SMALL_PAGES.with(|s| s.get()) {
             advise_huge_pages(raw, size);
         }
         // Zero after the advice, so the first touch faults in huge pages.

@@ -27,6 +27,8 @@ pub use isa::Isa;
 pub use packed::PackedMatrix;
 pub use pool::Pool;
 
+use std::sync::Arc;
+
 use half::bf16;
 
 use crate::{
@@ -450,7 +452,7 @@ impl Backend for CpuBackend {
         &self,
         x: &CpuTensor,
         routes: &Routes,
-        experts: &[Option<ExpertMatrices<Self>>],
+        experts: &[Option<Arc<ExpertMatrices<Self>>>],
         out: &mut CpuTensor,
     ) -> Result<(), KernelError> {
         assert_eq!(

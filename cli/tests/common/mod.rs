@@ -1,0 +1,43 @@
+//! What the CLI's integration tests share: the fixtures beside the repository and their
+//! reference outputs.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use myriad_attention::Request;
+use serde_json::Value;
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures")
+        .join(name)
+}
+
+pub fn reference(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap()
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Every reference prompt, greedy, ignoring eos, with `logprobs` top entries (and the prompt's
+/// own log-probabilities when `echo`).
+pub fn requests(r: &Value, max_tokens: usize, logprobs: Option<usize>, echo: bool) -> Vec<Request> {
+    r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Request {
+            ignore_eos: true,
+            logprobs,
+            echo,
+            ..Request::greedy(ids(&p["input_ids"]), max_tokens)
+        })
+        .collect()
+}
