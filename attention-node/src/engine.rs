@@ -6,6 +6,8 @@
 //! them: the last prompt row and decode rows (to sample), and every prompt row when prompt
 //! log-probabilities were asked for.
 
+use std::borrow::Borrow;
+
 use myriad_kernels::{Backend, SeqSpan};
 
 use crate::error::EngineError;
@@ -111,13 +113,20 @@ pub struct Engine<B: Backend> {
     eos: Vec<u32>,
 }
 
-struct Active<B: Backend> {
-    index: usize,
-    state: SequenceState<B>,
+/// One running sequence. `Q` is however the caller holds its request: a borrow into the
+/// request slice for [`Engine::generate`], an owned job with its event channel for the
+/// scheduler; both drive the same step code.
+pub(crate) struct Active<B: Backend, Q> {
+    /// The caller's name for the sequence (its position in `generate`'s requests).
+    pub(crate) index: usize,
+    pub(crate) request: Q,
+    pub(crate) state: SequenceState<B>,
     rng: Rng,
-    prefilled: usize,
-    out: Completion,
-    done: bool,
+    /// Prompt tokens already in `state`.
+    pub(crate) prefilled: usize,
+    /// Generated tokens (and log-probabilities) so far.
+    pub(crate) out: Completion,
+    pub(crate) done: bool,
 }
 
 /// One micro-batch of a step: its sequences (indices into the active list), packed tokens,
@@ -132,9 +141,8 @@ struct StepPart {
 
 impl StepPart {
     /// Packs `shares` ((active index, tokens this step)) into one micro-batch.
-    fn build<B: Backend>(
-        requests: &[Request],
-        active: &[Active<B>],
+    fn build<B: Backend, Q: Borrow<Request>>(
+        active: &[Active<B, Q>],
         shares: &[(usize, usize)],
     ) -> StepPart {
         let mut p = StepPart {
@@ -146,7 +154,7 @@ impl StepPart {
         };
         for &(ai, take) in shares {
             let a = &active[ai];
-            let r = &requests[a.index];
+            let r: &Request = a.request.borrow();
             let m = p.members.len();
             let start = p.tokens.len();
             if a.prefilled == r.prompt.len() {
@@ -183,8 +191,8 @@ impl StepPart {
 }
 
 /// Disjoint mutable borrows of the states of each part's members, in member order.
-fn disjoint_states<'a, B: Backend>(
-    active: &'a mut [Active<B>],
+fn disjoint_states<'a, B: Backend, Q>(
+    active: &'a mut [Active<B, Q>],
     parts: &[StepPart],
 ) -> Vec<Vec<&'a mut SequenceState<B>>> {
     let mut owner: Vec<Option<(usize, usize)>> = vec![None; active.len()];
@@ -273,13 +281,14 @@ impl<B: Backend> Engine<B> {
         }
         let mut results: Vec<Option<Completion>> = vec![None; requests.len()];
         let mut waiting: std::collections::VecDeque<usize> = (0..requests.len()).collect();
-        let mut active: Vec<Active<B>> = Vec::new();
+        let mut active: Vec<Active<B, &Request>> = Vec::new();
         while !waiting.is_empty() || !active.is_empty() {
             while active.len() < self.config.max_seqs.max(1) {
                 let Some(i) = waiting.pop_front() else { break };
                 active.push(self.start(i, &requests[i]));
             }
-            self.step(requests, &mut active)?;
+            let shares = self.plan(&active);
+            self.run(&mut active, &shares)?;
             for a in active.iter_mut().filter(|a| a.done) {
                 results[a.index] = Some(std::mem::replace(&mut a.out, empty_completion()));
             }
@@ -291,33 +300,40 @@ impl<B: Backend> Engine<B> {
             .collect())
     }
 
-    fn start(&self, index: usize, r: &Request) -> Active<B> {
+    /// A new running sequence for `request` (already validated), named `index`.
+    pub(crate) fn start<Q: Borrow<Request>>(&self, index: usize, request: Q) -> Active<B, Q> {
+        let r: &Request = request.borrow();
         let logprobs = r
             .logprobs
             .map(|_| if r.echo { vec![None] } else { Vec::new() });
         let done = r.max_tokens == 0 && !(r.echo && r.logprobs.is_some());
+        let rng = Rng::new(r.sampling.seed.unwrap_or_else(Rng::entropy_seed));
+        let out = Completion {
+            prompt_token_ids: r.prompt.clone(),
+            token_ids: Vec::new(),
+            logprobs,
+            finish_reason: FinishReason::Length,
+        };
         Active {
             index,
+            request,
             state: self.model.new_sequence(),
-            rng: Rng::new(r.sampling.seed.unwrap_or_else(Rng::entropy_seed)),
+            rng,
             prefilled: 0,
-            out: Completion {
-                prompt_token_ids: r.prompt.clone(),
-                token_ids: Vec::new(),
-                logprobs,
-                finish_reason: FinishReason::Length,
-            },
+            out,
             done,
         }
     }
 
-    /// One forward step over every unfinished sequence.
-    fn step(&self, requests: &[Request], active: &mut [Active<B>]) -> Result<(), EngineError> {
+    /// What the next step runs: `(active index, tokens)` for each sequence in it, decoding
+    /// sequences first, within the token budget. Empty when nothing is left to run.
+    pub(crate) fn plan<Q: Borrow<Request>>(&self, active: &[Active<B, Q>]) -> Vec<(usize, usize)> {
+        let decoding = |a: &Active<B, Q>| a.prefilled == a.request.borrow().prompt.len();
         // Decoding sequences first: each costs one token and must not wait behind prefills.
         let order: Vec<usize> = {
             let (dec, pre): (Vec<usize>, Vec<usize>) = (0..active.len())
                 .filter(|&i| !active[i].done)
-                .partition(|&i| active[i].prefilled == requests[active[i].index].prompt.len());
+                .partition(|&i| decoding(&active[i]));
             dec.into_iter().chain(pre).collect()
         };
         // Tokens each sequence contributes this step, within the budget.
@@ -328,17 +344,28 @@ impl<B: Backend> Engine<B> {
                 break;
             }
             let a = &active[ai];
-            let r = &requests[a.index];
-            let take = if a.prefilled == r.prompt.len() {
+            let take = if decoding(a) {
                 usize::from(!a.out.token_ids.is_empty())
             } else {
-                (r.prompt.len() - a.prefilled).min(budget)
+                (a.request.borrow().prompt.len() - a.prefilled).min(budget)
             };
             if take > 0 {
                 budget -= take;
                 shares.push((ai, take));
             }
         }
+        shares
+    }
+
+    /// Runs one forward step over `shares` (from [`Self::plan`] on the same `active`), then
+    /// samples, records log-probabilities and applies the stop rules. On an error the states
+    /// of the sequences in `shares` are undefined (a layer may have been applied to some);
+    /// the others are untouched.
+    pub(crate) fn run<Q: Borrow<Request>>(
+        &self,
+        active: &mut [Active<B, Q>],
+        shares: &[(usize, usize)],
+    ) -> Result<(), EngineError> {
         if shares.is_empty() {
             return Ok(());
         }
@@ -346,7 +373,7 @@ impl<B: Backend> Engine<B> {
         let parts: Vec<Vec<(usize, usize)>> = if self.config.ping_pong && shares.len() >= 2 {
             let (mut x, mut y) = (Vec::new(), Vec::new());
             let (mut tx, mut ty) = (0, 0);
-            for s in shares {
+            for &s in shares {
                 if tx <= ty {
                     tx += s.1;
                     x.push(s);
@@ -357,12 +384,9 @@ impl<B: Backend> Engine<B> {
             }
             vec![x, y]
         } else {
-            vec![shares]
+            vec![shares.to_vec()]
         };
-        let built: Vec<StepPart> = parts
-            .iter()
-            .map(|p| StepPart::build(requests, active, p))
-            .collect();
+        let built: Vec<StepPart> = parts.iter().map(|p| StepPart::build(active, p)).collect();
         let logits: Vec<Vec<f32>> = {
             let mut seqs = disjoint_states(active, &built);
             match (built.as_slice(), seqs.as_mut_slice()) {
@@ -400,7 +424,7 @@ impl<B: Backend> Engine<B> {
         for (part, part_logits) in built.iter().zip(&logits) {
             for (&ai, span) in part.members.iter().zip(&part.spans) {
                 let a = &mut active[ai];
-                if a.prefilled < requests[a.index].prompt.len() {
+                if a.prefilled < a.request.borrow().prompt.len() {
                     a.prefilled += span.len;
                 }
             }
@@ -408,7 +432,7 @@ impl<B: Backend> Engine<B> {
                 match *u {
                     RowUse::Prompt(m, i) => {
                         let a = &mut active[part.members[m]];
-                        let r = &requests[a.index];
+                        let r: &Request = a.request.borrow();
                         let lp = log_softmax(row_logits);
                         let tok = r.prompt[i];
                         if let Some(v) = a.out.logprobs.as_mut() {
@@ -419,15 +443,12 @@ impl<B: Backend> Engine<B> {
                             }));
                         }
                     }
-                    RowUse::Next(m) => {
-                        let a = &mut active[part.members[m]];
-                        self.accept(&requests[a.index], a, row_logits);
-                    }
+                    RowUse::Next(m) => self.accept(&mut active[part.members[m]], row_logits),
                 }
             }
             for &ai in &part.members {
                 let a = &mut active[ai];
-                let r = &requests[a.index];
+                let r: &Request = a.request.borrow();
                 if a.prefilled == r.prompt.len() && r.max_tokens == 0 {
                     a.done = true;
                 }
@@ -437,7 +458,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Samples the next token of `a` from `logits` and applies the stop rules.
-    fn accept(&self, r: &Request, a: &mut Active<B>, logits: &[f32]) {
+    fn accept<Q: Borrow<Request>>(&self, a: &mut Active<B, Q>, logits: &[f32]) {
+        let r: &Request = a.request.borrow();
         let tok = sample(logits, &r.sampling, &mut a.rng);
         if let (Some(k), Some(v)) = (r.logprobs, a.out.logprobs.as_mut()) {
             let lp = log_softmax(logits);

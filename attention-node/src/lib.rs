@@ -6,6 +6,8 @@
 //!   through `myriad_model::moe::ExpertExecutor` only.
 //! - [`state`]: per-sequence KV caches and DeltaNet states.
 //! - [`engine`]: batched generation with chunked prefill, sampling, stop rules, log-probabilities.
+//! - [`scheduler`]: continuous batching for a server: requests join and leave between steps,
+//!   tokens streamed as they come, admission by memory, cancellation.
 //! - [`sampling`], [`rng`]: token choice and the seeded generator behind it.
 //! - [`trace`]: observation points for golden tests.
 
@@ -14,6 +16,7 @@ pub mod error;
 pub mod forward;
 pub mod rng;
 pub mod sampling;
+pub mod scheduler;
 pub mod state;
 pub mod trace;
 pub mod weights;
@@ -22,5 +25,9 @@ pub use engine::{Completion, Engine, EngineConfig, FinishReason, PositionLogprob
 pub use error::EngineError;
 pub use forward::{Batch, Model};
 pub use sampling::{SamplingParams, TokenLogprob};
+pub use scheduler::{
+    Event, Generate, Scheduler, SchedulerConfig, SchedulerStats, Submission, SubmitError,
+    sequence_bytes,
+};
 pub use state::{LayerState, SequenceState};
 pub use trace::Trace;

@@ -27,7 +27,9 @@ pub struct LocalOptions {
 
 /// A loaded engine and what it was built from.
 pub struct LocalEngine {
-    pub engine: Engine<CpuBackend>,
+    /// Shared so a server's scheduler thread can own a handle while this value keeps the
+    /// experts (and their runtime) alive.
+    pub engine: Arc<Engine<CpuBackend>>,
     pub config: ModelConfig,
     pub generation: GenerationConfig,
     pub backend: Arc<CpuBackend>,
@@ -69,7 +71,11 @@ pub fn load_with(
     .context("loading dense weights")?;
     let mut engine_config = opts.engine.clone();
     engine_config.ping_pong |= cluster.ping_pong;
-    let engine = Engine::new(model, engine_config, generation.eos_token_ids.clone());
+    let engine = Arc::new(Engine::new(
+        model,
+        engine_config,
+        generation.eos_token_ids.clone(),
+    ));
     Ok(LocalEngine {
         engine,
         config,

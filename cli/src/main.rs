@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use myriad::cmd::{bench, certs, control, generate, launch, make_model, node};
+use myriad::cmd::{bench, certs, control, generate, launch, loadtest, make_model, node, serve};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -18,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Serve the OpenAI-compatible API with every role in this process (the embedded default).
+    Serve(serve::ServeArgs),
     /// Offline generation on this machine (all roles in one process).
     Generate(generate::GenerateArgs),
     /// Write a random-weight model (with a trained tokenizer) in the Hugging Face layout.
@@ -30,6 +32,9 @@ enum Command {
     Node(node::NodeCmd),
     /// Start a cluster on this machine: expert-node processes plus the attention side.
     Launch(launch::LaunchArgs),
+    /// Load-test an OpenAI-compatible server: concurrent streams, TTFT/ITL percentiles,
+    /// throughput, and a long prompt's effect on running streams.
+    Loadtest(loadtest::LoadtestArgs),
     /// Write a CA and node certificates for mutual TLS between nodes.
     Certs(certs::CertsArgs),
     /// Inspect and steer the control plane: nodes, placement, status, rebalance, drain.
@@ -67,11 +72,13 @@ fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Serve(a) => serve::run(a),
         Command::Generate(a) => generate::run(a),
         Command::MakeModel(a) => make_model::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Node(a) => node::run(a),
         Command::Launch(a) => launch::run(a),
+        Command::Loadtest(a) => loadtest::run(a),
         Command::Certs(a) => certs::run(a),
         Command::Control(a) => control::run(a),
     };

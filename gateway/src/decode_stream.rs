@@ -17,6 +17,35 @@ const REPLACEMENT: char = '\u{FFFD}';
 #[derive(Debug)]
 pub struct DecodeStream<'a> {
     tokenizer: &'a Tokenizer,
+    state: DecodeState,
+}
+
+impl<'a> DecodeStream<'a> {
+    pub(crate) fn new(tokenizer: &'a Tokenizer, skip_special_tokens: bool) -> Self {
+        DecodeStream {
+            tokenizer,
+            state: DecodeState::new(skip_special_tokens),
+        }
+    }
+
+    /// Adds `id` and returns the text it completes, or `None` when it completes nothing yet
+    /// (the middle of a multi-byte character, or a skipped special token).
+    pub fn step(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
+        self.state.step(self.tokenizer, id)
+    }
+
+    /// Ends the stream and returns the text still held back (empty when there is none).
+    /// Dangling bytes of an unfinished character come out as U+FFFD, as in a full decode.
+    pub fn finish(mut self) -> Result<String, TokenizerError> {
+        self.state.finish(self.tokenizer)
+    }
+}
+
+/// The state of a [`DecodeStream`] without the borrow of its tokenizer, for holders that
+/// cannot borrow (a response stream that owns an `Arc` of the tokenizer's owner); the
+/// tokenizer is passed to each call instead and must be the same one every time.
+#[derive(Debug, Clone)]
+pub struct DecodeState {
     skip_special_tokens: bool,
     /// Recent ids: `ids[..read]` have been emitted, `ids[read..]` are pending, and the emitted
     /// ones are kept as left context for the next decode.
@@ -24,26 +53,26 @@ pub struct DecodeStream<'a> {
     read: usize,
 }
 
-impl<'a> DecodeStream<'a> {
-    pub(crate) fn new(tokenizer: &'a Tokenizer, skip_special_tokens: bool) -> Self {
-        DecodeStream {
-            tokenizer,
+impl DecodeState {
+    pub fn new(skip_special_tokens: bool) -> Self {
+        DecodeState {
             skip_special_tokens,
             ids: Vec::new(),
             read: 0,
         }
     }
 
-    /// Adds `id` and returns the text it completes, or `None` when it completes nothing yet
-    /// (the middle of a multi-byte character, or a skipped special token).
-    pub fn step(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
+    /// [`DecodeStream::step`].
+    pub fn step(
+        &mut self,
+        tokenizer: &Tokenizer,
+        id: u32,
+    ) -> Result<Option<String>, TokenizerError> {
         // Validate before touching the state, so a bad id leaves the stream usable.
-        self.tokenizer.check_ids(&[id])?;
+        tokenizer.check_ids(&[id])?;
         self.ids.push(id);
-        let emitted = self
-            .tokenizer
-            .decode(&self.ids[..self.read], self.skip_special_tokens)?;
-        let full = self.tokenizer.decode(&self.ids, self.skip_special_tokens)?;
+        let emitted = tokenizer.decode(&self.ids[..self.read], self.skip_special_tokens)?;
+        let full = tokenizer.decode(&self.ids, self.skip_special_tokens)?;
         if full.len() <= emitted.len() || full.ends_with(REPLACEMENT) {
             return Ok(None);
         }
@@ -54,16 +83,15 @@ impl<'a> DecodeStream<'a> {
         Ok(Some(delta))
     }
 
-    /// Ends the stream and returns the text still held back (empty when there is none).
-    /// Dangling bytes of an unfinished character come out as U+FFFD, as in a full decode.
-    pub fn finish(self) -> Result<String, TokenizerError> {
+    /// [`DecodeStream::finish`]; afterwards the state is empty and may be reused.
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String, TokenizerError> {
         if self.read == self.ids.len() {
             return Ok(String::new());
         }
-        let emitted = self
-            .tokenizer
-            .decode(&self.ids[..self.read], self.skip_special_tokens)?;
-        let full = self.tokenizer.decode(&self.ids, self.skip_special_tokens)?;
+        let emitted = tokenizer.decode(&self.ids[..self.read], self.skip_special_tokens)?;
+        let full = tokenizer.decode(&self.ids, self.skip_special_tokens)?;
+        self.ids.clear();
+        self.read = 0;
         Ok(new_suffix(&emitted, &full).to_string())
     }
 }

@@ -1,13 +1,14 @@
-//! Myriad's front door. Today: the tokenizer ([`Tokenizer`], with [`DecodeStream`] for
-//! streaming), the chat template ([`ChatTemplate`], a byte-for-byte match of transformers'
-//! `apply_chat_template`) and the tokenizer trainer ([`train_tokenizer`]) that gives a
-//! `myriad make-model` checkpoint a working tokenizer without downloading anything. The
-//! OpenAI-compatible HTTP API joins them here.
+//! Myriad's front door: the tokenizer ([`Tokenizer`], with [`DecodeStream`] for streaming),
+//! the chat template ([`ChatTemplate`], a byte-for-byte match of transformers'
+//! `apply_chat_template`), the tokenizer trainer ([`train_tokenizer`]) that gives a
+//! `myriad make-model` checkpoint a working tokenizer without downloading anything, and the
+//! OpenAI-compatible HTTP API ([`http`]: [`router`] over a [`GatewayState`], [`serve`]).
 
 pub mod chat_template;
 pub mod config;
 mod corpus;
 mod decode_stream;
+pub mod http;
 mod pyfmt;
 mod strftime;
 pub mod tokenizer;
@@ -15,6 +16,7 @@ pub mod train;
 
 pub use chat_template::{CHAT_TEMPLATE_FILE, ChatTemplate, TemplateError};
 pub use config::{AddedTokenEntry, ConfigError, TOKENIZER_CONFIG_FILE, TokenizerConfig};
-pub use decode_stream::DecodeStream;
+pub use decode_stream::{DecodeState, DecodeStream};
+pub use http::{GatewayConfig, GatewayError, GatewayState, bind_and_serve, router, serve};
 pub use tokenizer::{TOKENIZER_FILE, Tokenizer, TokenizerError};
 pub use train::{CHAT_TEMPLATE, TokenizerFiles, TokenizerSpec, TrainError, train_tokenizer};

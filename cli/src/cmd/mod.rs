@@ -7,5 +7,7 @@ pub mod certs;
 pub mod control;
 pub mod generate;
 pub mod launch;
+pub mod loadtest;
 pub mod make_model;
 pub mod node;
+pub mod serve;

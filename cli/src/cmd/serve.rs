@@ -1,0 +1,155 @@
+//! `myriad serve`: the embedded default. The OpenAI-compatible HTTP API, the attention side
+//! (continuous batching) and the routed experts, all in this process (or the experts on expert
+//! nodes with `--expert-nodes`/`--placement`/`--etcd`). With no `--model` it makes and serves the
+//! built-in small model.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use myriad_attention::{Generate, Scheduler, SchedulerConfig};
+use myriad_gateway::{GatewayConfig, GatewayState};
+
+use crate::cluster::{ClusterArgs, TlsArgs};
+use crate::cmd::node::shutdown_signal;
+use crate::local::load_with;
+use crate::runtime::RuntimeArgs;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Model directory (Hugging Face layout; default: the built-in small model, made on first
+    /// use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the chosen one is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model name clients use (default: the model directory's name; `myriad-builtin` for
+    /// the built-in model).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Accepted API keys (`Authorization: Bearer KEY`); none: no authentication.
+    #[arg(long, env = "MYRIAD_API_KEY", value_delimiter = ',')]
+    pub api_key: Vec<String>,
+    /// A file of accepted API keys, one per line.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Largest request body, in MiB (larger: 413).
+    #[arg(long, default_value_t = 32)]
+    pub max_body_mb: usize,
+    /// Memory for running sequences' KV caches and DeltaNet states, in GiB: requests that do
+    /// not fit wait.
+    #[arg(long, default_value_t = 4.0)]
+    pub kv_cache_gb: f64,
+    /// Requests that may wait for memory; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// `max_tokens` of a chat request that gives none (0: the rest of the context, as vLLM;
+    /// each request reserves memory for its whole possible length).
+    #[arg(long, default_value_t = 2048)]
+    pub default_max_tokens: usize,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+fn api_keys(a: &ServeArgs) -> Result<Vec<String>> {
+    let mut keys: Vec<String> = a
+        .api_key
+        .iter()
+        .filter(|k| !k.is_empty())
+        .cloned()
+        .collect();
+    if let Some(path) = &a.api_key_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading API keys from {}", path.display()))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+        if keys.is_empty() {
+            bail!("{} holds no API keys", path.display());
+        }
+    }
+    Ok(keys)
+}
+
+pub fn run(a: &ServeArgs) -> Result<()> {
+    let dir = match &a.model {
+        Some(d) => d.clone(),
+        None => crate::builtin::default_model()?,
+    };
+    let keys = api_keys(a)?;
+    let local = load_with(&dir, &a.runtime.options(), &a.cluster, &a.tls)?;
+    let scheduler = Scheduler::start(
+        local.engine.clone(),
+        SchedulerConfig {
+            memory_budget_bytes: (a.kv_cache_gb * (1u64 << 30) as f64) as u64,
+            max_waiting: a.max_waiting,
+        },
+    );
+    let engine: Arc<dyn Generate> = Arc::new(scheduler);
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        if a.model.is_none() {
+            return "myriad-builtin".to_string();
+        }
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "myriad".into())
+    });
+    let mut config = GatewayConfig::new(name.clone());
+    config.api_keys = keys;
+    config.max_body_bytes = a.max_body_mb << 20;
+    config.default_max_tokens = (a.default_max_tokens > 0).then_some(a.default_max_tokens);
+    let state = Arc::new(
+        GatewayState::from_model_dir(config, &dir, engine)
+            .with_context(|| format!("setting up the API for {}", dir.display()))?,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("myriad-http")
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let addr = format!("{}:{}", a.host, a.port);
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&addr))
+        .with_context(|| format!("listening on {addr}"))?;
+    let bound: SocketAddr = listener.local_addr().context("reading the bound address")?;
+    eprintln!(
+        "serving {name} ({}) on http://{bound}/v1 (loaded in {:.1}s{})",
+        dir.display(),
+        local.load_seconds,
+        if state.config().api_keys.is_empty() {
+            ", no API key required"
+        } else {
+            ""
+        }
+    );
+    // Scripts and tests wait for this line.
+    println!("ready http://{bound}");
+    use std::io::Write;
+    std::io::stdout()
+        .flush()
+        .context("writing the ready line")?;
+    runtime
+        .block_on(myriad_gateway::serve(
+            listener,
+            myriad_gateway::router(state),
+            shutdown_signal(),
+        ))
+        .context("serving HTTP")?;
+    eprintln!("stopped");
+    drop(local);
+    Ok(())
+}

@@ -1,0 +1,364 @@
+//! The gateway's Prometheus metrics and `GET /metrics` (text format 0.0.4, written here so the
+//! gateway does not pull in the control plane's dependencies): requests by endpoint and status,
+//! tokens in and out, time to first token, inter-token latency and request latency as
+//! histograms, requests in flight, and the engine's own counters from `Generate::stats()`.
+//!
+//! The request counter is a middleware around every route, so refusals that happen before a
+//! handler runs (401 from auth, 404 for unknown paths) are counted too.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::app::GatewayState;
+
+/// The content type of text format 0.0.4.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Paths reported by name; anything else is "other", so that scanners probing random URLs
+/// cannot grow the number of series without bound.
+const ENDPOINTS: [&str; 6] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/v1/models/{model}",
+];
+
+/// Seconds; from sub-millisecond (a warm decode step) to minutes (a 1M-token prefill).
+const LATENCY_BUCKETS: [f64; 20] = [
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 60.0, 300.0,
+];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS`], plus one for +Inf.
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; LATENCY_BUCKETS.len() + 1];
+        }
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&le| seconds <= le)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[bucket] += 1;
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+/// Everything the gateway counts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    prompt_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    in_flight: AtomicI64,
+    ttft: Mutex<Histogram>,
+    itl: Mutex<Histogram>,
+    latency: Mutex<Histogram>,
+}
+
+fn observe(h: &Mutex<Histogram>, d: Duration) {
+    // A poisoned lock only means another thread panicked mid-update; the counts stay usable.
+    h.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .observe(d.as_secs_f64());
+}
+
+impl Metrics {
+    pub(crate) fn count_request(&self, endpoint: &'static str, status: u16) {
+        let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((endpoint, status)).or_default() += 1;
+    }
+
+    pub(crate) fn prompt_tokens(&self, n: usize) {
+        self.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn generated_tokens(&self, n: usize) {
+        self.generated_tokens.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn request_ended(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Requests whose sequences are in the engine now (streams not yet finished included).
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn time_to_first_token(&self, d: Duration) {
+        observe(&self.ttft, d);
+    }
+
+    pub(crate) fn inter_token_latency(&self, d: Duration) {
+        observe(&self.itl, d);
+    }
+
+    pub(crate) fn request_latency(&self, d: Duration) {
+        observe(&self.latency, d);
+    }
+
+    /// One scrape.
+    pub fn render(&self, engine: &myriad_attention::SchedulerStats) -> String {
+        let mut out = String::new();
+        family(
+            &mut out,
+            "myriad_gateway_requests_total",
+            "counter",
+            "HTTP requests answered, by endpoint and status.",
+        );
+        for ((endpoint, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "myriad_gateway_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let counters = [
+            (
+                "myriad_gateway_prompt_tokens_total",
+                "Prompt tokens of accepted requests.",
+                self.prompt_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "myriad_gateway_generation_tokens_total",
+                "Tokens generated for clients.",
+                self.generated_tokens.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {v}");
+        }
+        family(
+            &mut out,
+            "myriad_gateway_requests_in_flight",
+            "gauge",
+            "Requests with sequences in the engine.",
+        );
+        let _ = writeln!(
+            out,
+            "myriad_gateway_requests_in_flight {}",
+            self.in_flight()
+        );
+        let histograms = [
+            (
+                "myriad_gateway_time_to_first_token_seconds",
+                "Time from submission to a sequence's first token.",
+                &self.ttft,
+            ),
+            (
+                "myriad_gateway_inter_token_latency_seconds",
+                "Time between consecutive tokens of a sequence.",
+                &self.itl,
+            ),
+            (
+                "myriad_gateway_request_latency_seconds",
+                "Time from submission until every sequence of a request finished.",
+                &self.latency,
+            ),
+        ];
+        for (name, help, h) in histograms {
+            histogram(
+                &mut out,
+                name,
+                help,
+                &h.lock().unwrap_or_else(|p| p.into_inner()),
+            );
+        }
+        let gauges = [
+            (
+                "myriad_engine_requests_running",
+                "Sequences the engine is running.",
+                engine.running as f64,
+            ),
+            (
+                "myriad_engine_requests_waiting",
+                "Sequences waiting for admission.",
+                engine.waiting as f64,
+            ),
+            (
+                "myriad_engine_reserved_bytes",
+                "Bytes of sequence state reserved by running sequences.",
+                engine.reserved_bytes as f64,
+            ),
+            (
+                "myriad_engine_memory_budget_bytes",
+                "Bytes of sequence state the engine may reserve.",
+                engine.memory_budget_bytes as f64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            family(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {}", number(v));
+        }
+        let counters = [
+            ("myriad_engine_steps_total", "Forward steps.", engine.steps),
+            (
+                "myriad_engine_prompt_tokens_total",
+                "Prompt tokens prefilled.",
+                engine.prompt_tokens,
+            ),
+            (
+                "myriad_engine_generated_tokens_total",
+                "Tokens generated.",
+                engine.generated_tokens,
+            ),
+            (
+                "myriad_engine_cancelled_total",
+                "Sequences cancelled (client gone or stop string).",
+                engine.cancelled,
+            ),
+            (
+                "myriad_engine_rejected_total",
+                "Requests refused at submission.",
+                engine.rejected,
+            ),
+        ];
+        for (name, help, v) in counters {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {v}");
+        }
+        out
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    family(out, name, "histogram", help);
+    let mut cumulative = 0;
+    for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+        cumulative += h.counts.get(i).copied().unwrap_or(0);
+        let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", number(*le));
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", number(h.sum));
+    let _ = writeln!(out, "{name}_count {}", h.count);
+}
+
+/// A sample value as Prometheus parses it (Rust's `Display` never uses an exponent).
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// The label of a request path.
+fn endpoint_label(path: &str) -> &'static str {
+    if let Some(&e) = ENDPOINTS.iter().find(|&&e| e == path) {
+        return e;
+    }
+    if path.starts_with("/v1/models/") {
+        return "/v1/models/{model}";
+    }
+    "other"
+}
+
+/// Middleware: counts every answered request by endpoint and status.
+pub(crate) async fn count_requests(
+    State(state): State<Arc<GatewayState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let endpoint = endpoint_label(request.uri().path());
+    let response = next.run(request).await;
+    state
+        .metrics()
+        .count_request(endpoint, response.status().as_u16());
+    response
+}
+
+/// `GET /metrics`.
+pub(crate) async fn handle(State(state): State<Arc<GatewayState>>) -> Response {
+    let text = state.metrics().render(&state.engine().stats());
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_valid_text_format() {
+        let m = Metrics::default();
+        m.count_request("/v1/completions", 200);
+        m.count_request("/v1/completions", 200);
+        m.count_request("other", 404);
+        m.prompt_tokens(7);
+        m.time_to_first_token(Duration::from_millis(30));
+        m.time_to_first_token(Duration::from_secs(1000));
+        let text = m.render(&myriad_attention::SchedulerStats {
+            running: 2,
+            waiting: 1,
+            ..Default::default()
+        });
+        assert!(text.contains(
+            "myriad_gateway_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 2\n"
+        ));
+        assert!(text.contains("myriad_gateway_prompt_tokens_total 7\n"));
+        assert!(
+            text.contains("myriad_gateway_time_to_first_token_seconds_bucket{le=\"0.04\"} 1\n")
+        );
+        assert!(text.contains("myriad_gateway_time_to_first_token_seconds_bucket{le=\"300\"} 1\n"));
+        assert!(
+            text.contains("myriad_gateway_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n")
+        );
+        assert!(text.contains("myriad_gateway_time_to_first_token_seconds_count 2\n"));
+        assert!(text.contains("myriad_engine_requests_running 2\n"));
+        // Every sample line belongs to a family declared above it.
+        let mut declared = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                declared.insert(rest.split(' ').next().unwrap_or_default().to_string());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|b| declared.contains(*b)))
+                    .unwrap_or(name);
+                assert!(declared.contains(base), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_paths_share_one_label() {
+        assert_eq!(endpoint_label("/v1/completions"), "/v1/completions");
+        assert_eq!(endpoint_label("/v1/models/x"), "/v1/models/{model}");
+        assert_eq!(endpoint_label("/wp-admin"), "other");
+    }
+}

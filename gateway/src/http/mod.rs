@@ -1,0 +1,34 @@
+//! The OpenAI-compatible HTTP API (with vLLM's extensions), on axum.
+//!
+//! - [`app`]: [`GatewayConfig`], [`GatewayState`], the routes ([`router`]) and [`serve`].
+//! - `auth`: bearer API keys; `error`: the OpenAI error object and every status.
+//! - `params`: request fields and their validation; `openai`: the response types.
+//! - `chat` (with `chat_request`: parsing and the prompt), `completions`: the two generation
+//!   endpoints.
+//! - `generation`: one request's sequences in the engine, detokenised and stop-checked;
+//!   `sse`: streaming them as server-sent events.
+//! - `stop`, `reasoning`, `tools`: incremental text processing (stop strings, `<think>`,
+//!   `<tool_call>`), so streamed and full responses agree.
+//! - `logprobs`: both log-probability formats; `metrics`: Prometheus `/metrics`.
+//!
+//! The engine is reached only through `myriad_attention::Generate`.
+
+pub mod app;
+mod auth;
+mod chat;
+mod chat_request;
+mod completions;
+pub mod error;
+mod generation;
+mod logprobs;
+pub mod metrics;
+mod openai;
+mod params;
+mod reasoning;
+mod sse;
+mod stop;
+mod tools;
+
+pub use app::{GatewayConfig, GatewayError, GatewayState, bind_and_serve, router, serve};
+pub use error::ApiError;
+pub use metrics::Metrics;
