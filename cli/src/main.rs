@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use myriad::cmd::{bench, certs, control, generate, launch, loadtest, make_model, node, serve};
+use myriad::cmd::{
+    bench, certs, control, gateway, generate, launch, loadtest, make_model, node, serve,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,6 +22,9 @@ struct Cli {
 enum Command {
     /// Serve the OpenAI-compatible API with every role in this process (the embedded default).
     Serve(serve::ServeArgs),
+    /// Front several attention nodes (`node attention --http`) with one OpenAI-compatible
+    /// endpoint: least-loaded routing, streaming pass-through, retries, health checks.
+    Gateway(gateway::GatewayArgs),
     /// Offline generation on this machine (all roles in one process).
     Generate(generate::GenerateArgs),
     /// Write a random-weight model (with a trained tokenizer) in the Hugging Face layout.
@@ -27,7 +32,8 @@ enum Command {
     /// Benchmarks with their ceilings measured in the same run (use a release build).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
-    /// Run one distributed role: an expert node or an attention node.
+    /// Run one distributed role: an expert node or an attention node (`--http`: serving the
+    /// OpenAI API for `myriad gateway`).
     #[command(subcommand)]
     Node(node::NodeCmd),
     /// Start a cluster on this machine: expert-node processes plus the attention side.
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Serve(a) => serve::run(a),
+        Command::Gateway(a) => gateway::run(a),
         Command::Generate(a) => generate::run(a),
         Command::MakeModel(a) => make_model::run(a),
         Command::Bench(a) => bench::run(a),

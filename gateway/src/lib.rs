@@ -2,13 +2,16 @@
 //! the chat template ([`ChatTemplate`], a byte-for-byte match of transformers'
 //! `apply_chat_template`), the tokenizer trainer ([`train_tokenizer`]) that gives a
 //! `myriad make-model` checkpoint a working tokenizer without downloading anything, and the
-//! OpenAI-compatible HTTP API ([`http`]: [`router`] over a [`GatewayState`], [`serve`]).
+//! OpenAI-compatible HTTP API ([`http`]: [`router`] over a [`GatewayState`], [`serve`]), and
+//! the proxy that fronts several attention nodes serving that API ([`proxy`]:
+//! [`proxy::proxy_router`], [`proxy::serve_proxy`]).
 
 pub mod chat_template;
 pub mod config;
 mod corpus;
 mod decode_stream;
 pub mod http;
+pub mod proxy;
 mod pyfmt;
 mod strftime;
 pub mod tokenizer;

@@ -5,6 +5,7 @@ pub mod bench_control;
 pub mod bench_dispatch;
 pub mod certs;
 pub mod control;
+pub mod gateway;
 pub mod generate;
 pub mod launch;
 pub mod loadtest;

@@ -1,16 +1,18 @@
 //! `myriad node expert|attention`: the distributed roles as long-running processes.
 //!
 //! An expert node loads only its experts and serves them over QUIC until SIGINT or SIGTERM.
-//! An attention node loads the dense model, connects to the expert nodes, and serves
-//! generation requests given as JSON lines on stdin, one completion per line on stdout (the
-//! interim interface until the gateway fronts attention nodes).
+//! An attention node loads the dense model, connects to the expert nodes (or, given none, runs
+//! every expert itself, as `myriad serve` does), and either serves the OpenAI API with
+//! `--http HOST:PORT` (the same server as `myriad serve`, for `myriad gateway
+//! --attention-nodes` to front) or, without it, takes generation requests as JSON lines on
+//! stdin and writes one completion per line on stdout.
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use myriad_attention::{Request, SamplingParams};
 use myriad_kernels::cpu::CpuBackend;
@@ -25,6 +27,7 @@ use myriad_expert::ExpertShard;
 
 use crate::cluster::{ClusterArgs, TlsArgs, io_runtime, routed_expert_bytes, serve_shard};
 use crate::cmd::generate::completion_json;
+use crate::cmd::serve::{ApiArgs, dir_name, serve_api};
 use crate::control::ControlArgs;
 use crate::local::{LocalEngine, load_with};
 use crate::metrics::serve_expert_metrics;
@@ -34,7 +37,8 @@ use crate::runtime::RuntimeArgs;
 pub enum NodeCmd {
     /// Serve a shard of the routed experts of every layer.
     Expert(ExpertArgs),
-    /// Run the dense model against expert nodes; requests as JSON lines on stdin.
+    /// Run the dense model against expert nodes (or all experts here, given none); serve the
+    /// OpenAI API with --http, else take requests as JSON lines on stdin.
     Attention(AttentionArgs),
 }
 
@@ -83,6 +87,13 @@ pub struct AttentionArgs {
     /// Model directory (Hugging Face layout).
     #[arg(long)]
     pub model: PathBuf,
+    /// Serve the OpenAI API on HOST:PORT (port 0: any free port; `ready http://ADDR` is
+    /// printed) instead of reading requests from stdin.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http: Option<String>,
+    /// With --http: the API's settings, as `myriad serve` takes them.
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
@@ -94,19 +105,32 @@ pub struct AttentionArgs {
 pub fn run(cmd: &NodeCmd) -> Result<()> {
     match cmd {
         NodeCmd::Expert(a) => expert(a),
-        NodeCmd::Attention(a) => {
-            if a.cluster.placement.is_none()
-                && a.cluster.expert_nodes.is_empty()
-                && !a.cluster.control.enabled()
-            {
-                bail!(
-                    "an attention node needs its expert nodes: --etcd URL, --expert-nodes ADDR,… or --placement FILE"
-                );
-            }
-            let engine = load_with(&a.model, &a.runtime.options(), &a.cluster, &a.tls)?;
-            serve_requests(&engine, std::io::stdin().lock(), std::io::stdout().lock())
-        }
+        NodeCmd::Attention(a) => attention(a),
     }
+}
+
+fn attention(a: &AttentionArgs) -> Result<()> {
+    if a.cluster.placement.is_none()
+        && a.cluster.expert_nodes.is_empty()
+        && !a.cluster.control.enabled()
+    {
+        eprintln!(
+            "no expert nodes given (--expert-nodes, --placement or --etcd): every routed expert \
+             runs in this process"
+        );
+    }
+    let Some(addr) = &a.http else {
+        let engine = load_with(&a.model, &a.runtime.options(), &a.cluster, &a.tls)?;
+        return serve_requests(&engine, std::io::stdin().lock(), std::io::stdout().lock());
+    };
+    let keys = a.api.keys.keys()?;
+    let local = load_with(&a.model, &a.runtime.options(), &a.cluster, &a.tls)?;
+    let name = a
+        .api
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| dir_name(&a.model));
+    serve_api(local, &a.model, &name, &a.api, keys, addr)
 }
 
 fn expert(a: &ExpertArgs) -> Result<()> {

@@ -1,10 +1,11 @@
 //! `myriad serve`: the embedded default. The OpenAI-compatible HTTP API, the attention side
 //! (continuous batching) and the routed experts, all in this process (or the experts on expert
 //! nodes with `--expert-nodes`/`--placement`/`--etcd`). With no `--model` it makes and serves the
-//! built-in small model.
+//! built-in small model. [`serve_api`] (the scheduler, the API's state and the HTTP server) is
+//! shared with `myriad node attention --http`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -14,7 +15,7 @@ use myriad_gateway::{GatewayConfig, GatewayState};
 
 use crate::cluster::{ClusterArgs, TlsArgs};
 use crate::cmd::node::shutdown_signal;
-use crate::local::load_with;
+use crate::local::{LocalEngine, load_with};
 use crate::runtime::RuntimeArgs;
 
 #[derive(Args, Debug)]
@@ -29,16 +30,25 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port; the chosen one is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// The HTTP API's flags, shared by `myriad serve` and `myriad node attention --http`.
+#[derive(Args, Clone, Debug)]
+pub struct ApiArgs {
     /// The model name clients use (default: the model directory's name; `myriad-builtin` for
     /// the built-in model).
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// Accepted API keys (`Authorization: Bearer KEY`); none: no authentication.
-    #[arg(long, env = "MYRIAD_API_KEY", value_delimiter = ',')]
-    pub api_key: Vec<String>,
-    /// A file of accepted API keys, one per line.
-    #[arg(long)]
-    pub api_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub keys: ApiKeyArgs,
     /// Largest request body, in MiB (larger: 413).
     #[arg(long, default_value_t = 32)]
     pub max_body_mb: usize,
@@ -53,35 +63,44 @@ pub struct ServeArgs {
     /// each request reserves memory for its whole possible length).
     #[arg(long, default_value_t = 2048)]
     pub default_max_tokens: usize,
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
-    #[command(flatten)]
-    pub tls: TlsArgs,
-    #[command(flatten)]
-    pub runtime: RuntimeArgs,
 }
 
-fn api_keys(a: &ServeArgs) -> Result<Vec<String>> {
-    let mut keys: Vec<String> = a
-        .api_key
-        .iter()
-        .filter(|k| !k.is_empty())
-        .cloned()
-        .collect();
-    if let Some(path) = &a.api_key_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading API keys from {}", path.display()))?;
-        keys.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(String::from),
-        );
-        if keys.is_empty() {
-            bail!("{} holds no API keys", path.display());
+/// The API keys clients must present (`myriad serve`, `node attention --http`, `gateway`).
+#[derive(Args, Clone, Debug)]
+pub struct ApiKeyArgs {
+    /// Accepted API keys (`Authorization: Bearer KEY`); none: no authentication.
+    #[arg(long, env = "MYRIAD_API_KEY", value_delimiter = ',')]
+    pub api_key: Vec<String>,
+    /// A file of accepted API keys, one per line.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+}
+
+impl ApiKeyArgs {
+    /// The keys given, from the flag (or `MYRIAD_API_KEY`) and the file; a file without any
+    /// is an error (it was meant to turn authentication on).
+    pub fn keys(&self) -> Result<Vec<String>> {
+        let mut keys: Vec<String> = self
+            .api_key
+            .iter()
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect();
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading API keys from {}", path.display()))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+            if keys.is_empty() {
+                bail!("{} holds no API keys", path.display());
+            }
         }
+        Ok(keys)
     }
-    Ok(keys)
 }
 
 pub fn run(a: &ServeArgs) -> Result<()> {
@@ -89,30 +108,57 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         Some(d) => d.clone(),
         None => crate::builtin::default_model()?,
     };
-    let keys = api_keys(a)?;
+    let keys = a.api.keys.keys()?;
     let local = load_with(&dir, &a.runtime.options(), &a.cluster, &a.tls)?;
+    let name = a.api.served_model_name.clone().unwrap_or_else(|| {
+        if a.model.is_none() {
+            "myriad-builtin".to_string()
+        } else {
+            dir_name(&dir)
+        }
+    });
+    serve_api(
+        local,
+        &dir,
+        &name,
+        &a.api,
+        keys,
+        &format!("{}:{}", a.host, a.port),
+    )
+}
+
+/// The model name a directory gives by default.
+pub fn dir_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "myriad".into())
+}
+
+/// Serves the OpenAI API over `local` on `addr` until SIGINT or SIGTERM: the scheduler
+/// (continuous batching) on its own thread, the HTTP server on a small runtime. Prints
+/// `ready http://ADDR` on stdout once it accepts connections.
+pub fn serve_api(
+    local: LocalEngine,
+    dir: &Path,
+    name: &str,
+    api: &ApiArgs,
+    keys: Vec<String>,
+    addr: &str,
+) -> Result<()> {
     let scheduler = Scheduler::start(
         local.engine.clone(),
         SchedulerConfig {
-            memory_budget_bytes: (a.kv_cache_gb * (1u64 << 30) as f64) as u64,
-            max_waiting: a.max_waiting,
+            memory_budget_bytes: (api.kv_cache_gb * (1u64 << 30) as f64) as u64,
+            max_waiting: api.max_waiting,
         },
     );
     let engine: Arc<dyn Generate> = Arc::new(scheduler);
-    let name = a.served_model_name.clone().unwrap_or_else(|| {
-        if a.model.is_none() {
-            return "myriad-builtin".to_string();
-        }
-        dir.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "myriad".into())
-    });
-    let mut config = GatewayConfig::new(name.clone());
+    let mut config = GatewayConfig::new(name);
     config.api_keys = keys;
-    config.max_body_bytes = a.max_body_mb << 20;
-    config.default_max_tokens = (a.default_max_tokens > 0).then_some(a.default_max_tokens);
+    config.max_body_bytes = api.max_body_mb << 20;
+    config.default_max_tokens = (api.default_max_tokens > 0).then_some(api.default_max_tokens);
     let state = Arc::new(
-        GatewayState::from_model_dir(config, &dir, engine)
+        GatewayState::from_model_dir(config, dir, engine)
             .with_context(|| format!("setting up the API for {}", dir.display()))?,
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -121,9 +167,8 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the HTTP runtime")?;
-    let addr = format!("{}:{}", a.host, a.port);
     let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(&addr))
+        .block_on(tokio::net::TcpListener::bind(addr))
         .with_context(|| format!("listening on {addr}"))?;
     let bound: SocketAddr = listener.local_addr().context("reading the bound address")?;
     eprintln!(

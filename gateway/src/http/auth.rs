@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -18,29 +18,35 @@ pub(crate) async fn require_key(
     request: Request,
     next: Next,
 ) -> Response {
-    let keys = &state.config().api_keys;
-    if keys.is_empty() {
-        return next.run(request).await;
+    match check(&state.config().api_keys, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
     }
-    let given = request
-        .headers()
+}
+
+/// Whether `headers` carry one of `keys` as a bearer token (always, when `keys` is empty); the
+/// 401 to answer otherwise. The proxy (`crate::proxy`) checks its own keys with this too.
+pub(crate) fn check(keys: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token);
     match given {
-        None => ApiError::unauthorized(
+        None => Err(ApiError::unauthorized(
             "You didn't provide an API key. You need to provide your API key in an \
              Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-        )
-        .into_response(),
+        )),
         Some(token)
             if keys
                 .iter()
                 .any(|k| constant_time_eq(k.as_bytes(), token.as_bytes())) =>
         {
-            next.run(request).await
+            Ok(())
         }
-        Some(_) => ApiError::unauthorized("Incorrect API key provided.").into_response(),
+        Some(_) => Err(ApiError::unauthorized("Incorrect API key provided.")),
     }
 }
 

@@ -14,7 +14,7 @@
 //! The engine is reached only through `myriad_attention::Generate`.
 
 pub mod app;
-mod auth;
+pub(crate) mod auth;
 mod chat;
 mod chat_request;
 mod completions;

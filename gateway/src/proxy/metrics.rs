@@ -1,0 +1,202 @@
+//! The proxy's Prometheus metrics and `GET /metrics` (text format 0.0.4): requests answered by
+//! endpoint and status; per attention node: requests sent by the node's status (`error` when
+//! no response head came back), requests in flight, health (`1` in rotation), failed health
+//! checks; retries on another node; healthy nodes.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::app::ProxyState;
+use super::nodes::{Node, Nodes};
+use crate::http::metrics::{CONTENT_TYPE, endpoint_label, family};
+
+/// Everything the proxy counts beside the node table's own gauges.
+#[derive(Debug, Default)]
+pub(crate) struct ProxyMetrics {
+    /// Answers to clients, by endpoint label and status.
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// Requests sent, by node index and the node's status (`None`: no response head).
+    upstream: Mutex<BTreeMap<(usize, Option<u16>), u64>>,
+    retries: AtomicU64,
+}
+
+impl ProxyMetrics {
+    fn count_request(&self, endpoint: &'static str, status: u16) {
+        let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((endpoint, status)).or_default() += 1;
+    }
+
+    pub fn upstream(&self, node: usize, status: Option<u16>) {
+        let mut map = self.upstream.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((node, status)).or_default() += 1;
+    }
+
+    pub fn retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One scrape.
+    pub fn render(&self, nodes: &Nodes) -> String {
+        let mut out = String::new();
+        family(
+            &mut out,
+            "myriad_proxy_requests_total",
+            "counter",
+            "HTTP requests answered by the proxy, by endpoint and status.",
+        );
+        for ((endpoint, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "myriad_proxy_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
+            );
+        }
+        family(
+            &mut out,
+            "myriad_proxy_upstream_requests_total",
+            "counter",
+            "Requests sent to attention nodes, by node and the node's status (error: no response).",
+        );
+        for ((node, status), n) in self
+            .upstream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let status = status.map_or_else(|| "error".to_string(), |s| s.to_string());
+            let _ = writeln!(
+                out,
+                "myriad_proxy_upstream_requests_total{{node=\"{}\",status=\"{status}\"}} {n}",
+                escape(&nodes.get(*node).label)
+            );
+        }
+        let per_node: [(&str, &str, &str, NodeValue); 3] = [
+            (
+                "myriad_proxy_upstream_in_flight",
+                "gauge",
+                "Requests on each attention node whose responses have not finished.",
+                |n| n.in_flight() as u64,
+            ),
+            (
+                "myriad_proxy_node_up",
+                "gauge",
+                "1 while an attention node is in rotation (healthy), else 0.",
+                |n| u64::from(n.healthy()),
+            ),
+            (
+                "myriad_proxy_health_check_failures_total",
+                "counter",
+                "Failed health checks of each attention node.",
+                |n| n.health_check_failures.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in per_node {
+            family(&mut out, name, kind, help);
+            for node in nodes.iter() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{node=\"{}\"}} {}",
+                    escape(&node.label),
+                    value(node)
+                );
+            }
+        }
+        family(
+            &mut out,
+            "myriad_proxy_retries_total",
+            "counter",
+            "Requests sent to another node after one could not take them.",
+        );
+        let _ = writeln!(
+            out,
+            "myriad_proxy_retries_total {}",
+            self.retries.load(Ordering::Relaxed)
+        );
+        family(
+            &mut out,
+            "myriad_proxy_healthy_nodes",
+            "gauge",
+            "Attention nodes in rotation.",
+        );
+        let _ = writeln!(out, "myriad_proxy_healthy_nodes {}", nodes.healthy_count());
+        out
+    }
+}
+
+/// One per-node sample's value.
+type NodeValue = fn(&Node) -> u64;
+
+/// A label value as the text format writes it.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Middleware: counts every answered request by endpoint and status.
+pub(crate) async fn count_requests(
+    State(state): State<Arc<ProxyState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let endpoint = endpoint_label(request.uri().path());
+    let response = next.run(request).await;
+    state
+        .metrics
+        .count_request(endpoint, response.status().as_u16());
+    response
+}
+
+/// `GET /metrics`.
+pub(crate) async fn handle(State(state): State<Arc<ProxyState>>) -> Response {
+    let text = state.metrics.render(&state.nodes);
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::NodeUrl;
+
+    #[test]
+    fn renders_every_node() {
+        let urls = ["http://a:1", "http://b:2"]
+            .iter()
+            .filter_map(|u| NodeUrl::parse(u).ok())
+            .collect();
+        let nodes = Nodes::new(urls);
+        nodes.get(1).check_passed();
+        let _busy = nodes.get(1).start();
+        let m = ProxyMetrics::default();
+        m.count_request("/v1/completions", 200);
+        m.upstream(1, Some(200));
+        m.upstream(0, None);
+        m.retry();
+        let text = m.render(&nodes);
+        for line in [
+            "myriad_proxy_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1\n",
+            "myriad_proxy_upstream_requests_total{node=\"http://a:1\",status=\"error\"} 1\n",
+            "myriad_proxy_upstream_requests_total{node=\"http://b:2\",status=\"200\"} 1\n",
+            "myriad_proxy_upstream_in_flight{node=\"http://b:2\"} 1\n",
+            "myriad_proxy_node_up{node=\"http://a:1\"} 0\n",
+            "myriad_proxy_node_up{node=\"http://b:2\"} 1\n",
+            "myriad_proxy_retries_total 1\n",
+            "myriad_proxy_healthy_nodes 1\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert_eq!(escape("a\"b\\"), "a\\\"b\\\\");
+    }
+}
