@@ -8,14 +8,16 @@
 //!   cluster's, so it reproduces a networked run bit for bit.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use myriad_control::ControllerConfig;
+use myriad_control::expert_agent::{PacedShard, serve_assignments};
 use myriad_control::follower::FollowerConfig;
+use myriad_control::records::ExpertNodeRecord;
+use myriad_control::{ControllerConfig, Registration};
 use myriad_expert::{ExpertService, ExpertShard, NodeIdentity};
 use myriad_kernels::cpu::CpuBackend;
 use myriad_model::moe::ExpertExecutor;
@@ -93,6 +95,11 @@ pub struct ClusterArgs {
     /// holder (its node died and the controller is reassigning), in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     pub failover_wait_ms: u64,
+    /// Run N expert nodes inside this process (in-process transport), placed by a control
+    /// plane: the in-memory one unless --etcd names another. The whole cluster's machinery
+    /// (registration, placement, rebalancing, failover) in one process.
+    #[arg(long, default_value_t = 0)]
+    pub in_process_experts: usize,
     /// Serve Prometheus metrics on this address (GET /metrics).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -173,6 +180,8 @@ pub struct ExpertsHandle {
     pub expert_bytes: usize,
     /// The control-plane tasks, with --etcd (dropped before the runtime).
     pub control: Option<AttentionControl>,
+    /// Expert nodes running inside this process (`--in-process-experts`).
+    pub in_process: Option<InProcessExperts>,
     pub runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -188,14 +197,15 @@ pub fn io_runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Builds the routed-expert executor for `cluster`.
 pub fn experts(
+    dir: &Path,
     backend: &Arc<CpuBackend>,
     config: &ModelConfig,
     ckpt: &Checkpoint,
     cluster: &ClusterArgs,
     tls: &TlsArgs,
 ) -> Result<ExpertsHandle> {
-    if cluster.control.enabled() {
-        return controlled_experts(backend, config, ckpt, cluster, tls);
+    if cluster.control.enabled() || cluster.in_process_experts > 0 {
+        return controlled_experts(dir, backend, config, ckpt, cluster, tls);
     }
     let Some(placement) = cluster.placement(config.num_experts)? else {
         let shard = Arc::new(
@@ -214,6 +224,7 @@ pub fn experts(
             network: None,
             expert_bytes,
             control: None,
+            in_process: None,
             runtime: None,
         });
     };
@@ -270,8 +281,102 @@ pub fn experts(
         network,
         expert_bytes,
         control: None,
+        in_process: None,
         runtime: Some(runtime),
     })
+}
+
+/// Expert nodes inside this process: each a growable shard served on the in-process network,
+/// registered with the control plane and holding what its assignment says (as a `myriad node
+/// expert --etcd` process would).
+pub struct InProcessExperts {
+    pub network: LocalNetwork,
+    stop: tokio::sync::watch::Sender<bool>,
+    agents: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcessExperts {
+    fn start(
+        runtime: &tokio::runtime::Runtime,
+        store: Arc<dyn myriad_control::Store>,
+        control: &ControlArgs,
+        dir: &Path,
+        backend: &Arc<CpuBackend>,
+        config: &ModelConfig,
+        nodes: usize,
+    ) -> Result<Self> {
+        let ckpt = Arc::new(
+            Checkpoint::open(dir, config)
+                .with_context(|| format!("opening the checkpoint in {}", dir.display()))?,
+        );
+        let network = LocalNetwork::new();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut agents = Vec::new();
+        let expert_bytes = (routed_expert_bytes(config, &ckpt) * config.num_layers) as u64;
+        for i in 0..nodes {
+            let name = format!("e{i}");
+            let addr = format!("in-process/{name}");
+            let shard = Arc::new(
+                ExpertShard::load_growable(
+                    backend.clone(),
+                    config,
+                    ckpt.clone(),
+                    &ExpertSet::none(config.num_experts),
+                )
+                .with_context(|| format!("starting in-process expert node {name}"))?,
+            );
+            network.register(
+                addr.clone(),
+                Arc::new(ExpertService::new(
+                    shard.clone(),
+                    identity(config, &name),
+                    Limits::default(),
+                )),
+            );
+            let registration = Arc::new(
+                runtime
+                    .block_on(Registration::new(store.clone(), control.lease_ttl()))
+                    .context("registering an in-process expert node")?,
+            );
+            let record = ExpertNodeRecord {
+                name,
+                addr,
+                // Equal shares: the initial placement splits the experts evenly.
+                memory_bytes: expert_bytes.saturating_mul(config.num_experts as u64),
+                expert_bytes,
+                held: String::new(),
+                model_fingerprint: config.fingerprint(),
+                metrics_addr: None,
+                applied_serial: 0,
+                load_error: None,
+            };
+            agents.push(runtime.spawn(serve_assignments(
+                store.clone(),
+                control.keys(),
+                registration,
+                record,
+                Arc::new(PacedShard {
+                    shard,
+                    background_duty: 1.0,
+                }),
+                stopped.clone(),
+            )));
+        }
+        Ok(InProcessExperts {
+            network,
+            stop,
+            agents,
+        })
+    }
+}
+
+impl Drop for InProcessExperts {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for a in self.agents.drain(..) {
+            a.abort();
+        }
+    }
 }
 
 /// A router over `placement` (at `version`) that has shaken hands with every node.
@@ -314,6 +419,7 @@ pub fn routed_expert_bytes(config: &ModelConfig, ckpt: &Checkpoint) -> usize {
 /// The router over QUIC with its placement from the control plane: registers this attention
 /// node, runs a controller candidate, waits for the first placement, follows later ones.
 fn controlled_experts(
+    dir: &Path,
     backend: &Arc<CpuBackend>,
     config: &ModelConfig,
     ckpt: &Checkpoint,
@@ -321,13 +427,33 @@ fn controlled_experts(
     tls: &TlsArgs,
 ) -> Result<ExpertsHandle> {
     let runtime = io_runtime()?;
-    let store = cluster.control.store(&runtime)?;
+    let store = if cluster.control.enabled() {
+        cluster.control.store(&runtime)?
+    } else {
+        crate::control::memory_store()
+    };
+    let in_process = (cluster.in_process_experts > 0)
+        .then(|| {
+            InProcessExperts::start(
+                &runtime,
+                store.clone(),
+                &cluster.control,
+                dir,
+                backend,
+                config,
+                cluster.in_process_experts,
+            )
+        })
+        .transpose()?;
     let name = cluster
         .node_name
         .clone()
         .unwrap_or_else(|| format!("attention-{}", std::process::id()));
     let mut controller = ControllerConfig::new(config.num_experts);
-    controller.min_expert_nodes = cluster.min_expert_nodes.max(1);
+    controller.min_expert_nodes = cluster
+        .min_expert_nodes
+        .max(cluster.in_process_experts)
+        .max(1);
     controller.replicas = cluster.replicas.max(1);
     controller.extra_replicas = cluster.extra_replicas;
     controller.auto_rebalance_above = cluster.auto_rebalance_above;
@@ -350,12 +476,16 @@ fn controlled_experts(
     let placement = doc
         .to_placement()
         .with_context(|| format!("the control plane's placement version {}", doc.version))?;
-    let tls = tls.config()?;
-    let connector: Arc<dyn Connector> = {
-        let _guard = runtime.enter();
-        Arc::new(
-            QuicConnector::new(&tls, QuicLimits::default()).context("starting the QUIC client")?,
-        )
+    let connector: Arc<dyn Connector> = match &in_process {
+        Some(nodes) => Arc::new(nodes.network.connector()),
+        None => {
+            let tls = tls.config()?;
+            let _guard = runtime.enter();
+            Arc::new(
+                QuicConnector::new(&tls, QuicLimits::default())
+                    .context("starting the QUIC client")?,
+            )
+        }
     };
     let (router, acks) = connect_router(
         backend,
@@ -390,6 +520,7 @@ fn controlled_experts(
         network: None,
         expert_bytes: routed_expert_bytes(config, ckpt),
         control: Some(control),
+        in_process,
         runtime: Some(runtime),
     })
 }

@@ -18,7 +18,9 @@ use tokio::sync::watch;
 /// Where the control plane lives.
 #[derive(Args, Clone, Debug, Default)]
 pub struct ControlArgs {
-    /// etcd endpoint(s) of the control plane, e.g. http://127.0.0.1:2379 (comma-separated).
+    /// etcd endpoint(s) of the control plane, e.g. http://127.0.0.1:2379 (comma-separated), or
+    /// `memory` for an in-memory control plane inside this process (with
+    /// `--in-process-experts`).
     #[arg(long, value_delimiter = ',')]
     pub etcd: Vec<String>,
     /// The cluster's name: every key lives under /myriad/NAME/.
@@ -33,6 +35,11 @@ pub struct ControlArgs {
 impl ControlArgs {
     pub fn enabled(&self) -> bool {
         !self.etcd.is_empty()
+    }
+
+    /// Whether the control plane is the in-memory one.
+    pub fn is_memory(&self) -> bool {
+        self.etcd.len() == 1 && self.etcd[0] == "memory"
     }
 
     pub fn keys(&self) -> Keys {
@@ -54,6 +61,9 @@ impl ControlArgs {
 
     /// Connects to etcd (inside `runtime`).
     pub fn store(&self, runtime: &tokio::runtime::Runtime) -> Result<Arc<dyn Store>> {
+        if self.is_memory() {
+            return Ok(memory_store());
+        }
         let store = runtime
             .block_on(EtcdStore::connect(&self.etcd))
             .with_context(|| format!("connecting to etcd at {}", self.etcd.join(",")))?;

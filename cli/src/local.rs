@@ -61,7 +61,7 @@ pub fn load_with(
         }
         .with_precision(opts.precision),
     );
-    let experts = experts(&backend, &config, &ckpt, cluster, tls)?;
+    let experts = experts(dir, &backend, &config, &ckpt, cluster, tls)?;
     let model = Model::load(
         config.clone(),
         backend.clone(),

@@ -576,3 +576,71 @@ fn every_node_serves_valid_prometheus_metrics() {
         promtool_accepts(&body);
     }
 }
+
+#[test]
+fn the_in_memory_control_plane_runs_in_process_expert_nodes() {
+    let dir = fixture("qwen3_next-mini512");
+    let r = reference(&dir);
+    let args = ClusterArgs {
+        in_process_experts: 3,
+        node_name: Some("a0".into()),
+        ..ClusterArgs::default()
+    };
+    let engine = load_with(
+        &dir,
+        &LocalOptions {
+            threads: 2,
+            ..LocalOptions::default()
+        },
+        &args,
+        &TlsArgs::default(),
+    )
+    .unwrap();
+    let router = router(&engine);
+    assert_eq!(router.placement_version(), 1);
+    assert_eq!(router.placement().nodes().len(), 3);
+    matches_reference(
+        &engine.engine.generate(&requests(&r, 16)).unwrap(),
+        &r,
+        "in-process expert nodes",
+    );
+    // The controller inside this process rebalances by the load the generation reported.
+    let control = engine.experts.control.as_ref().unwrap();
+    let (store, keys) = (control.store.clone(), control.keys.clone());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    wait_until("a load report", Duration::from_secs(30), || {
+        let v = rt.block_on(ClusterView::read(&*store, &keys)).unwrap();
+        v.load(512).iter().sum::<f64>() > 0.0
+    });
+    rt.block_on(store.put(
+        &keys.rebalance_request(),
+        encode(&ControlRequest {
+            id: 3,
+            extra_replicas: Some(8),
+        }),
+        None,
+    ))
+    .unwrap();
+    wait_until("the rebalance", Duration::from_secs(60), || {
+        let v = rt.block_on(ClusterView::read(&*store, &keys)).unwrap();
+        v.status.is_some_and(|s| s.last_request == Some(3))
+    });
+    let v = rt.block_on(ClusterView::read(&*store, &keys)).unwrap();
+    assert!(
+        v.status
+            .as_ref()
+            .unwrap()
+            .last_outcome
+            .starts_with("version 2"),
+        "{:?}",
+        v.status
+    );
+    wait_until("version 2 in use", Duration::from_secs(30), || {
+        router.placement_version() == 2
+    });
+    matches_reference(
+        &engine.engine.generate(&requests(&r, 16)).unwrap(),
+        &r,
+        "after the rebalance",
+    );
+}
