@@ -158,7 +158,7 @@ impl ClusterArgs {
         };
         RouterConfig {
             deadline,
-            failover_wait: if self.control.enabled() {
+            failover_wait: if self.control.enabled() || self.in_process_experts > 0 {
                 Duration::from_millis(self.failover_wait_ms)
             } else {
                 Duration::ZERO
