@@ -644,3 +644,59 @@ fn the_in_memory_control_plane_runs_in_process_expert_nodes() {
         "after the rebalance",
     );
 }
+
+#[test]
+fn a_standalone_controller_places_and_drains_without_attention_nodes() {
+    let dir = fixture("qwen3_5_moe-mini512");
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let _nodes: Vec<ExpertProcess> = (0..2)
+        .map(|i| expert_node(&dir, &ep, &format!("e{i}"), None))
+        .collect();
+    let exe = env!("CARGO_BIN_EXE_myriad");
+    let mut controller = Command::new(exe)
+        .args(["control", "run", "--model"])
+        .arg(&dir)
+        .args(["--etcd", &ep, "--cluster", "test", "--lease-ttl-ms", "1000"])
+        .args(["--min-expert-nodes", "2", "--name", "c0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let store = etcd.store();
+    wait_until("the first placement", Duration::from_secs(60), || {
+        etcd.view(&*store).version() == 1
+    });
+    let view = etcd.view(&*store);
+    assert_eq!(view.leader.as_deref(), Some("c0"));
+    assert_eq!(view.current.as_ref().unwrap().nodes.len(), 2);
+    // The operator's drain goes through the standalone controller.
+    let out = Command::new(exe)
+        .args([
+            "control",
+            "drain",
+            "e1",
+            "--json",
+            "--cluster",
+            "test",
+            "--etcd",
+            &ep,
+        ])
+        .args(["--wait-s", "60"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["drained"], "e1");
+    let view = etcd.view(&*store);
+    let doc = view.current.unwrap();
+    assert!(doc.nodes.iter().all(|n| n.name != "e1"));
+    assert_eq!(doc.nodes[0].experts, "0-511");
+    let _ = controller.kill();
+    let _ = controller.wait();
+}

@@ -1,13 +1,15 @@
-//! `myriad control nodes|placement|status|rebalance|drain`: inspect and steer a cluster's
-//! control plane. Changes are requests the elected controller carries out (make-before-break);
-//! these commands write the request and wait, bounded, for its outcome.
+//! `myriad control nodes|placement|status|rebalance|drain|run`: inspect and steer a cluster's
+//! control plane (`run`: a controller candidate as its own process). Changes are requests the
+//! elected controller carries out (make-before-break); these commands write the request and
+//! wait, bounded, for its outcome.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use myriad_control::records::{Request, encode};
-use myriad_control::{ClusterView, Store, eplb};
+use myriad_control::{ClusterView, Controller, ControllerConfig, Registration, Store, eplb};
 use serde_json::json;
 
 use crate::cluster::io_runtime;
@@ -25,6 +27,78 @@ pub enum ControlCmd {
     Rebalance(RebalanceArgs),
     /// Move every expert off NODE (to its replicas or other nodes), and wait until done.
     Drain(DrainArgs),
+    /// Run a controller candidate as its own process (attention nodes run one too; the
+    /// elected one acts), until SIGINT or SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The model directory (only `config.json` is read: the number of experts).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// This controller's name (default: controller-PID).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Expert nodes to wait for before the first placement.
+    #[arg(long, default_value_t = 1)]
+    pub min_expert_nodes: usize,
+    /// Copies of every expert in the first placement.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Extra copies of hot experts a rebalance may make.
+    #[arg(long, default_value_t = 0)]
+    pub extra_replicas: usize,
+    /// Rebalance by itself when max/mean node load exceeds this.
+    #[arg(long)]
+    pub auto_rebalance_above: Option<f64>,
+}
+
+/// `myriad control run`: a controller candidate in its own process.
+fn run_controller(a: &RunArgs) -> Result<()> {
+    if !a.control.enabled() || a.control.is_memory() {
+        bail!("a standalone controller needs a shared control plane: --etcd URL");
+    }
+    let config = myriad_model::ModelConfig::from_dir(&a.model)?;
+    let runtime = io_runtime()?;
+    let store = a.control.store(&runtime)?;
+    let registration = std::sync::Arc::new(
+        runtime
+            .block_on(Registration::new(store.clone(), a.control.lease_ttl()))
+            .context("registering with the control plane")?,
+    );
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("controller-{}", std::process::id()));
+    let mut cc = ControllerConfig::new(config.num_experts);
+    cc.min_expert_nodes = a.min_expert_nodes.max(1);
+    cc.replicas = a.replicas.max(1);
+    cc.extra_replicas = a.extra_replicas;
+    cc.auto_rebalance_above = a.auto_rebalance_above;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = runtime.spawn(
+        Controller::new(store, a.control.keys(), registration.clone(), &name, cc).run(stopped),
+    );
+    eprintln!(
+        "controller {name} standing for election under {}",
+        a.control.keys().root()
+    );
+    println!("ready {name}");
+    use std::io::Write;
+    std::io::stdout()
+        .flush()
+        .context("writing the ready line")?;
+    runtime.block_on(crate::cmd::node::shutdown_signal());
+    let _ = stop.send(true);
+    let _ = runtime.block_on(task);
+    if let Ok(r) = std::sync::Arc::try_unwrap(registration) {
+        let _ = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(2), r.leave()).await });
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +138,7 @@ pub fn run(cmd: &ControlCmd) -> Result<()> {
         ControlCmd::Nodes(o) | ControlCmd::Placement(o) | ControlCmd::Status(o) => o,
         ControlCmd::Rebalance(r) => &r.opts,
         ControlCmd::Drain(d) => &d.opts,
+        ControlCmd::Run(r) => return run_controller(r),
     };
     if !opts.control.enabled() {
         bail!("give the control plane's address: --etcd URL");
@@ -119,6 +194,7 @@ pub fn run(cmd: &ControlCmd) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        ControlCmd::Run(_) => Ok(()),
         ControlCmd::Drain(d) => {
             let v = view(&*store)?;
             if v.expert_node(&d.node).is_none() {
