@@ -75,7 +75,9 @@ impl Etcd {
 }
 
 fn expert_node(dir: &Path, etcd: &str, name: &str, experts: Option<&str>) -> ExpertProcess {
-    expert_node_with(dir, etcd, name, experts, false, 1000)
+    // Long enough that a loaded CI machine never lets a live node's lease lapse; the tests
+    // that need a dead node noticed quickly ask for a short lease.
+    expert_node_with(dir, etcd, name, experts, false, 3000)
 }
 
 fn expert_node_with(
@@ -116,7 +118,7 @@ fn attention_with(
         control: ControlArgs {
             etcd: vec![etcd.to_string()],
             cluster_name: "test".into(),
-            lease_ttl_ms: 1000,
+            lease_ttl_ms: 2000,
         },
         node_name: Some("a0".into()),
         min_expert_nodes: min_nodes,
@@ -164,7 +166,7 @@ fn killing_an_expert_node_without_replicas_mid_generation_loses_no_request() {
     let etcd = Etcd::start();
     let ep = etcd.endpoint();
     let mut nodes: Vec<ExpertProcess> = (0..3)
-        .map(|i| expert_node(&dir, &ep, &format!("e{i}"), None))
+        .map(|i| expert_node_with(&dir, &ep, &format!("e{i}"), None, false, 1000))
         .collect();
     let engine = Arc::new(attention(&dir, &ep, 3));
     let router = router(&engine);
@@ -526,7 +528,7 @@ fn every_node_serves_valid_prometheus_metrics() {
     let etcd = Etcd::start();
     let ep = etcd.endpoint();
     let _nodes: Vec<ExpertProcess> = (0..2)
-        .map(|i| expert_node_with(&dir, &ep, &format!("e{i}"), None, true, 1000))
+        .map(|i| expert_node_with(&dir, &ep, &format!("e{i}"), None, true, 3000))
         .collect();
     let engine = attention_with(&dir, &ep, 2, Some("127.0.0.1:0".parse().unwrap()));
     matches_reference(
