@@ -492,35 +492,6 @@ fn scrape(addr: &str) -> (String, String, String) {
     (status, ctype, body.to_string())
 }
 
-/// `promtool check metrics` accepts `text` (skipped, loudly, where promtool is not installed;
-/// `.ci/run` installs it).
-fn promtool_accepts(text: &str) {
-    use std::io::Write;
-    let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    else {
-        eprintln!("promtool not found: the metrics text was not checked by it");
-        return;
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool rejects the metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn every_node_serves_valid_prometheus_metrics() {
     let dir = fixture("qwen3_5_moe-mini512");
@@ -563,7 +534,7 @@ fn every_node_serves_valid_prometheus_metrics() {
         .filter(|l| l.starts_with("myriad_expert_tokens_routed_total{"))
         .count();
     assert_eq!(series, 512);
-    promtool_accepts(&body);
+    common::promtool_accepts(&body);
 
     let store = etcd.store();
     let view = etcd.view(&*store);
@@ -575,7 +546,7 @@ fn every_node_serves_valid_prometheus_metrics() {
             "{body}"
         );
         assert!(body.contains("myriad_expert_tokens_served_total{expert=\""));
-        promtool_accepts(&body);
+        common::promtool_accepts(&body);
     }
 }
 

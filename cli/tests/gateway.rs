@@ -234,33 +234,6 @@ fn refusing_node() -> String {
     url
 }
 
-/// `promtool check metrics` accepts `text` (skipped, loudly, where promtool is not installed).
-fn promtool_accepts(text: &str) {
-    let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        eprintln!("promtool not found: the metrics text was not checked by it");
-        return;
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool rejects the metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The parts of a completion that do not change from one request to the next.
 fn answer(v: &Value) -> Value {
     json!({"choices": v["choices"], "usage": v["usage"], "model": v["model"]})
@@ -398,7 +371,7 @@ fn the_gateway_fronts_attention_nodes() {
 
     // Both nodes served: the gateway's counts per node, and the nodes' own.
     let m = metrics(&g);
-    promtool_accepts(&m);
+    common::promtool_accepts(&m);
     for node in [&a_url, &b_url] {
         let n = sample(
             &m,

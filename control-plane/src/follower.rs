@@ -12,7 +12,9 @@ use tokio::sync::watch;
 
 use crate::keys::Keys;
 use crate::membership::Registration;
-use crate::records::{AttentionNodeRecord, LoadReport, PlacementDoc, decode, encode};
+use crate::records::{
+    AttentionNodeRecord, LoadReport, PlacementDoc, decode, decode_version, encode,
+};
 use crate::store::{Store, StoreError, WatchEvent};
 
 /// What the follower needs from the attention node's router.
@@ -84,13 +86,7 @@ pub async fn current_placement(
     let Some(kv) = store.get(&keys.current()).await? else {
         return Ok(None);
     };
-    let version: u64 = std::str::from_utf8(&kv.value)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| StoreError::Corrupt {
-            key: kv.key.clone(),
-            reason: "not a version number".into(),
-        })?;
+    let version = decode_version(&kv)?;
     let doc = store
         .get(&keys.version(version))
         .await?

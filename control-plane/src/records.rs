@@ -170,6 +170,17 @@ pub fn set_spec(set: &ExpertSet) -> String {
     set.to_string()
 }
 
+/// The version number stored under `placement/current`.
+pub fn decode_version(kv: &KeyValue) -> Result<u64, StoreError> {
+    std::str::from_utf8(&kv.value)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            key: kv.key.clone(),
+            reason: "not a version number".into(),
+        })
+}
+
 /// Decodes a stored JSON value, naming the key when it cannot.
 pub fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, StoreError> {
     serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt {

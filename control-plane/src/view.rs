@@ -9,7 +9,7 @@ use myriad_model::ExpertSet;
 use crate::keys::Keys;
 use crate::records::{
     Assignment, AttentionNodeRecord, ControllerStatus, ExpertNodeRecord, LoadReport, PlacementDoc,
-    Request, decode,
+    Request, decode, decode_version,
 };
 use crate::store::{Store, StoreError};
 
@@ -37,15 +37,7 @@ impl ClusterView {
         let current_version = kvs
             .iter()
             .find(|kv| kv.key == keys.current())
-            .map(|kv| {
-                std::str::from_utf8(&kv.value)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .ok_or_else(|| StoreError::Corrupt {
-                        key: kv.key.clone(),
-                        reason: "not a version number".into(),
-                    })
-            })
+            .map(decode_version)
             .transpose()?;
         for kv in &kvs {
             let k = kv.key.as_str();

@@ -123,23 +123,12 @@ impl Metrics {
     /// One scrape.
     pub fn render(&self, engine: &myriad_attention::SchedulerStats) -> String {
         let mut out = String::new();
-        family(
+        requests_family(
             &mut out,
             "myriad_gateway_requests_total",
-            "counter",
             "HTTP requests answered, by endpoint and status.",
+            &self.requests,
         );
-        for ((endpoint, status), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "myriad_gateway_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
-            );
-        }
         let counters = [
             (
                 "myriad_gateway_prompt_tokens_total",
@@ -246,6 +235,22 @@ impl Metrics {
             let _ = writeln!(out, "{name} {v}");
         }
         out
+    }
+}
+
+/// A counter family of requests by (endpoint, status).
+pub(crate) fn requests_family(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    requests: &Mutex<BTreeMap<(&'static str, u16), u64>>,
+) {
+    family(out, name, "counter", help);
+    for ((endpoint, status), n) in requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(
+            out,
+            "{name}{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
+        );
     }
 }
 

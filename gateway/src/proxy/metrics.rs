@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::app::ProxyState;
 use super::nodes::{Node, Nodes};
-use crate::http::metrics::{CONTENT_TYPE, endpoint_label, family};
+use crate::http::metrics::{CONTENT_TYPE, endpoint_label, family, requests_family};
 
 /// Everything the proxy counts beside the node table's own gauges.
 #[derive(Debug, Default)]
@@ -46,23 +46,12 @@ impl ProxyMetrics {
     /// One scrape.
     pub fn render(&self, nodes: &Nodes) -> String {
         let mut out = String::new();
-        family(
+        requests_family(
             &mut out,
             "myriad_proxy_requests_total",
-            "counter",
             "HTTP requests answered by the proxy, by endpoint and status.",
+            &self.requests,
         );
-        for ((endpoint, status), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "myriad_proxy_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
-            );
-        }
         family(
             &mut out,
             "myriad_proxy_upstream_requests_total",
