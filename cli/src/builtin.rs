@@ -41,7 +41,9 @@ pub fn ensure(preset: Preset, family: Family) -> Result<PathBuf> {
         preset.name(),
         dir.display()
     );
+    let started = std::time::Instant::now();
     make_model(preset, family, &tmp, 0, WeightDtype::BF16, 1 << 30)?;
+    eprintln!("made it in {:.1}s", started.elapsed().as_secs_f64());
     match std::fs::rename(&tmp, &dir) {
         Ok(()) => Ok(dir),
         // Another process won the race: use its copy.

@@ -1,5 +1,6 @@
-//! [`EtcdStore`]: the [`Store`] contract on etcd (v3 API, `etcd-client`), plus the mapping of
-//! etcd's errors to [`StoreError`]s that name the endpoint.
+//! [`EtcdStore`]: the [`Store`] contract on etcd (v3 gRPC API, through our own small client in
+//! [`client`] with the messages of [`rpc`]), plus the mapping of etcd's errors to
+//! [`StoreError`]s that name the endpoint.
 //!
 //! Every operation runs under a deadline ([`DEFAULT_OP_TIMEOUT`]), because the client's own
 //! request timeout does not cover waiting for a connection. A watch is forwarded by a task
@@ -9,13 +10,16 @@
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, WatchOptions,
-};
 use tokio::sync::mpsc;
+use tonic::{Code, Status};
 
 use crate::store::{BoxFuture, KeyValue, LeaseId, Store, StoreError, Watch, WatchEvent};
+
+pub mod client;
+pub mod rpc;
+
+use client::Client;
+use rpc::prefix_range;
 
 /// How long [`EtcdStore::connect`] waits for etcd to answer.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,21 +63,11 @@ impl EtcdStore {
         op: Duration,
     ) -> Result<EtcdStore, StoreError> {
         let endpoint = endpoints.join(",");
-        if endpoints.is_empty() {
-            return Err(StoreError::Other("no etcd endpoints given".to_string()));
-        }
-        let options = ConnectOptions::new()
-            .with_connect_timeout(connect)
-            .with_timeout(op)
-            // etcd (grpc-go) answers pings on idle connections and pings more often than
-            // every 5 s with GOAWAY; only ping while a watch or call is open.
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(false);
-        let attempt = async {
-            let client = Client::connect(endpoints, Some(options)).await?;
+        let client = Client::new(endpoints, connect).map_err(StoreError::Other)?;
+        let attempt = async move {
             // The channel connects lazily; a read proves etcd is there and serving.
-            client.kv_client().get("/", None).await?;
-            Ok::<_, etcd_client::Error>(client)
+            client.range(get_request(b"/")).await?;
+            Ok::<_, Status>(client)
         };
         let client = match tokio::time::timeout(connect, attempt).await {
             Ok(Ok(client)) => client,
@@ -101,7 +95,7 @@ impl EtcdStore {
     async fn run<T, F, Fut>(&self, op: &str, call: F) -> Result<T, StoreError>
     where
         F: FnOnce(Client) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
+        Fut: Future<Output = Result<T, Status>>,
     {
         match tokio::time::timeout(self.op_timeout, call(self.client.clone())).await {
             Ok(Ok(value)) => Ok(value),
@@ -123,16 +117,14 @@ impl EtcdStore {
         prefix: &str,
         from: i64,
     ) -> Result<(), StoreError> {
-        let options = GetOptions::new()
-            .with_prefix()
-            .with_revision(from)
-            .with_count_only();
-        let mut client = self.client.clone();
-        match tokio::time::timeout(self.op_timeout, client.get(prefix, Some(options))).await {
+        let request = rpc::RangeRequest {
+            revision: from,
+            count_only: true,
+            ..prefix_request(prefix)
+        };
+        match tokio::time::timeout(self.op_timeout, self.client.range(request)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(etcd_client::Error::GRpcStatus(status)))
-                if status.code() == tonic::Code::OutOfRange =>
-            {
+            Ok(Err(status)) if status.code() == Code::OutOfRange => {
                 if status.message().contains("compacted") {
                     Err(StoreError::Other(format!(
                         "{op} at etcd {}: compacted ({}); list again and watch from its \
@@ -153,73 +145,109 @@ impl EtcdStore {
         }
     }
 
-    fn map_err(&self, op: &str, e: etcd_client::Error) -> StoreError {
-        use etcd_client::Error as E;
-        use tonic::Code;
-        let unavailable = |reason: String| StoreError::Unavailable {
-            endpoint: self.endpoint.clone(),
-            reason: format!("{op}: {reason}"),
-        };
-        match e {
-            E::TransportError(e) => unavailable(e.to_string()),
-            E::IoError(e) => unavailable(e.to_string()),
-            E::GRpcStatus(status) => match status.code() {
-                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => {
-                    unavailable(status.to_string())
+    fn map_err(&self, op: &str, status: Status) -> StoreError {
+        match status.code() {
+            // Transport failures reach us as Unavailable (no connection) or Unknown (a broken
+            // HTTP/2 stream); Cancelled and Aborted come from a server going away.
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => {
+                StoreError::Unavailable {
+                    endpoint: self.endpoint.clone(),
+                    reason: format!("{op}: {status}"),
                 }
-                Code::DeadlineExceeded => StoreError::Timeout {
-                    op: format!("{op} at etcd {}", self.endpoint),
-                    after: self.op_timeout,
-                },
-                _ => StoreError::Other(format!("{op} at etcd {}: {status}", self.endpoint)),
+            }
+            Code::DeadlineExceeded => StoreError::Timeout {
+                op: format!("{op} at etcd {}", self.endpoint),
+                after: self.op_timeout,
             },
-            other => StoreError::Other(format!("{op} at etcd {}: {other}", self.endpoint)),
+            _ => StoreError::Other(format!("{op} at etcd {}: {status}", self.endpoint)),
         }
+    }
+
+    /// Compacts etcd's history up to `revision`: watches from before it fail from then on.
+    /// An operator's (and the tests') tool, not part of the [`Store`] contract.
+    pub async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+        let op = format!("compact to {revision}");
+        self.run(&op, |c| async move {
+            c.compact(rpc::CompactionRequest {
+                revision,
+                physical: true,
+            })
+            .await
+        })
+        .await
+        .map(|_| ())
     }
 }
 
 /// etcd's answer for a lease that is gone (expired, revoked, never granted).
-fn is_lease_not_found(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(status) => {
-            status.code() == tonic::Code::NotFound && status.message().contains("lease not found")
-        }
-        etcd_client::Error::LeaseKeepAliveError(msg) => msg.contains("lease not found"),
-        _ => false,
+fn is_lease_not_found(status: &Status) -> bool {
+    status.code() == Code::NotFound && status.message().contains("lease not found")
+}
+
+fn get_request(key: &[u8]) -> rpc::RangeRequest {
+    rpc::RangeRequest {
+        key: key.to_vec(),
+        ..rpc::RangeRequest::default()
     }
 }
 
-fn key_value(kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
-    let key = kv.key_str().map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(kv.key()).into_owned(),
-        reason: format!("key is not UTF-8: {e}"),
+fn prefix_request(prefix: &str) -> rpc::RangeRequest {
+    let (key, range_end) = prefix_range(prefix.as_bytes());
+    rpc::RangeRequest {
+        key,
+        range_end,
+        ..rpc::RangeRequest::default()
+    }
+}
+
+fn revision(header: Option<&rpc::ResponseHeader>) -> i64 {
+    header.map_or(0, |h| h.revision)
+}
+
+fn key_value(kv: rpc::KeyValue) -> Result<KeyValue, StoreError> {
+    let key = String::from_utf8(kv.key).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        reason: format!("key is not UTF-8: {}", e.utf8_error()),
     })?;
     Ok(KeyValue {
-        key: key.to_string(),
-        value: kv.value().to_vec(),
-        create_revision: kv.create_revision(),
-        mod_revision: kv.mod_revision(),
+        key,
+        value: kv.value,
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
         // etcd's "no lease" is lease 0.
-        lease: (kv.lease() != 0).then_some(LeaseId(kv.lease())),
+        lease: (kv.lease != 0).then_some(LeaseId(kv.lease)),
     })
 }
 
-fn watch_event(event: &etcd_client::Event) -> Result<Option<WatchEvent>, StoreError> {
-    let Some(kv) = event.kv() else {
+fn watch_event(event: rpc::Event) -> Result<Option<WatchEvent>, StoreError> {
+    let Some(kv) = event.kv else {
         return Ok(None);
     };
-    Ok(Some(match event.event_type() {
-        EventType::Put => WatchEvent::Put(key_value(kv)?),
-        EventType::Delete => WatchEvent::Delete {
-            key: key_value(kv)?.key,
+    Ok(Some(match rpc::EventType::try_from(event.r#type) {
+        Ok(rpc::EventType::Put) => WatchEvent::Put(key_value(kv)?),
+        Ok(rpc::EventType::Delete) => {
             // etcd sets a delete event's mod_revision to the revision of the delete.
-            mod_revision: kv.mod_revision(),
-        },
+            let mod_revision = kv.mod_revision;
+            WatchEvent::Delete {
+                key: key_value(kv)?.key,
+                mod_revision,
+            }
+        }
+        Err(_) => {
+            return Err(StoreError::Corrupt {
+                key: String::from_utf8_lossy(&kv.key).into_owned(),
+                reason: format!("unknown watch event type {}", event.r#type),
+            });
+        }
     }))
 }
 
-fn put_options(lease: Option<LeaseId>) -> Option<PutOptions> {
-    lease.map(|l| PutOptions::new().with_lease(l.0))
+fn put_request(key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> rpc::PutRequest {
+    rpc::PutRequest {
+        key: key.as_bytes().to_vec(),
+        value,
+        lease: lease.map_or(0, |l| l.0),
+    }
 }
 
 /// Whole seconds, rounded up, at least one.
@@ -236,11 +264,11 @@ impl Store for EtcdStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
         Box::pin(async move {
             let resp = self
-                .run(&format!("get {key}"), |mut c| async move {
-                    c.get(key, None).await
+                .run(&format!("get {key}"), |c| async move {
+                    c.range(get_request(key.as_bytes())).await
                 })
                 .await?;
-            resp.kvs().first().map(key_value).transpose()
+            resp.kvs.into_iter().next().map(key_value).transpose()
         })
     }
 
@@ -250,14 +278,14 @@ impl Store for EtcdStore {
     ) -> BoxFuture<'a, Result<(Vec<KeyValue>, i64), StoreError>> {
         Box::pin(async move {
             let resp = self
-                .run(&format!("list {prefix}"), |mut c| async move {
-                    c.get(prefix, Some(GetOptions::new().with_prefix())).await
+                .run(&format!("list {prefix}"), |c| async move {
+                    c.range(prefix_request(prefix)).await
                 })
                 .await?;
-            let revision = resp.header().map_or(0, |h| h.revision());
+            let revision = revision(resp.header.as_ref());
             let kvs = resp
-                .kvs()
-                .iter()
+                .kvs
+                .into_iter()
                 .map(key_value)
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((kvs, revision))
@@ -273,11 +301,11 @@ impl Store for EtcdStore {
         Box::pin(async move {
             let result = tokio::time::timeout(
                 self.op_timeout,
-                self.client.clone().put(key, value, put_options(lease)),
+                self.client.put(put_request(key, value, lease)),
             )
             .await;
             match result {
-                Ok(Ok(resp)) => Ok(resp.header().map_or(0, |h| h.revision())),
+                Ok(Ok(resp)) => Ok(revision(resp.header.as_ref())),
                 Ok(Err(e)) if is_lease_not_found(&e) => {
                     Err(StoreError::LeaseExpired(lease.map_or(0, |l| l.0)))
                 }
@@ -300,12 +328,21 @@ impl Store for EtcdStore {
         Box::pin(async move {
             // A missing key compares as mod_revision 0 in etcd, so `expected == 0` is
             // create-only.
-            let txn = Txn::new()
-                .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
-                .and_then([TxnOp::put(key, value, put_options(lease))]);
-            let result = tokio::time::timeout(self.op_timeout, self.client.clone().txn(txn)).await;
+            let txn = rpc::TxnRequest {
+                compare: vec![rpc::Compare {
+                    result: rpc::CompareResult::Equal as i32,
+                    target: rpc::CompareTarget::Mod as i32,
+                    key: key.as_bytes().to_vec(),
+                    target_union: Some(rpc::CompareWith::ModRevision(expected)),
+                }],
+                success: vec![rpc::RequestOp {
+                    request: Some(rpc::Operation::Put(put_request(key, value, lease))),
+                }],
+                failure: vec![],
+            };
+            let result = tokio::time::timeout(self.op_timeout, self.client.txn(txn)).await;
             match result {
-                Ok(Ok(resp)) => Ok(resp.succeeded()),
+                Ok(Ok(resp)) => Ok(resp.succeeded),
                 Ok(Err(e)) if is_lease_not_found(&e) => {
                     Err(StoreError::LeaseExpired(lease.map_or(0, |l| l.0)))
                 }
@@ -321,23 +358,28 @@ impl Store for EtcdStore {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let resp = self
-                .run(&format!("delete {key}"), |mut c| async move {
-                    c.delete(key, None).await
+                .run(&format!("delete {key}"), |c| async move {
+                    c.delete_range(rpc::DeleteRangeRequest {
+                        key: key.as_bytes().to_vec(),
+                        range_end: Vec::new(),
+                    })
+                    .await
                 })
                 .await?;
-            Ok(resp.deleted() > 0)
+            Ok(resp.deleted > 0)
         })
     }
 
     fn delete_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<usize, StoreError>> {
         Box::pin(async move {
             let resp = self
-                .run(&format!("delete_prefix {prefix}"), |mut c| async move {
-                    c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                .run(&format!("delete_prefix {prefix}"), |c| async move {
+                    let (key, range_end) = prefix_range(prefix.as_bytes());
+                    c.delete_range(rpc::DeleteRangeRequest { key, range_end })
                         .await
                 })
                 .await?;
-            Ok(usize::try_from(resp.deleted()).unwrap_or(0))
+            Ok(usize::try_from(resp.deleted).unwrap_or(0))
         })
     }
 
@@ -345,33 +387,30 @@ impl Store for EtcdStore {
         Box::pin(async move {
             let secs = ttl_seconds(ttl);
             let resp = self
-                .run(&format!("grant {secs}s lease"), |mut c| async move {
-                    c.lease_grant(secs, None).await
+                .run(&format!("grant {secs}s lease"), |c| async move {
+                    c.lease_grant(rpc::LeaseGrantRequest { ttl: secs, id: 0 })
+                        .await
                 })
                 .await?;
-            if !resp.error().is_empty() {
+            if !resp.error.is_empty() {
                 return Err(StoreError::Other(format!(
                     "grant {secs}s lease at etcd {}: {}",
-                    self.endpoint,
-                    resp.error()
+                    self.endpoint, resp.error
                 )));
             }
-            Ok(LeaseId(resp.id()))
+            Ok(LeaseId(resp.id))
         })
     }
 
     fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            // `lease_keep_alive` opens the LeaseKeepAlive stream, sends one request and reads
-            // one response (TTL <= 0 there is "lease not found"); dropping the keeper and the
-            // stream closes it again.
-            let result = tokio::time::timeout(
-                self.op_timeout,
-                self.client.clone().lease_keep_alive(lease.0),
-            )
-            .await;
+            let result =
+                tokio::time::timeout(self.op_timeout, self.client.lease_keep_alive_once(lease.0))
+                    .await;
             match result {
-                Ok(Ok(_keeper_and_stream)) => Ok(()),
+                // etcd answers a keep-alive of a lease it does not know with TTL 0.
+                Ok(Ok(resp)) if resp.ttl <= 0 => Err(StoreError::LeaseExpired(lease.0)),
+                Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) if is_lease_not_found(&e) => Err(StoreError::LeaseExpired(lease.0)),
                 Ok(Err(e)) => Err(self.map_err(&format!("keep_alive lease {:x}", lease.0), e)),
                 Err(_) => Err(StoreError::Timeout {
@@ -384,9 +423,12 @@ impl Store for EtcdStore {
 
     fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            let result =
-                tokio::time::timeout(self.op_timeout, self.client.clone().lease_revoke(lease.0))
-                    .await;
+            let result = tokio::time::timeout(
+                self.op_timeout,
+                self.client
+                    .lease_revoke(rpc::LeaseRevokeRequest { id: lease.0 }),
+            )
+            .await;
             match result {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) if is_lease_not_found(&e) => Err(StoreError::LeaseExpired(lease.0)),
@@ -402,16 +444,20 @@ impl Store for EtcdStore {
     fn watch<'a>(&'a self, prefix: &'a str, from: i64) -> BoxFuture<'a, Result<Watch, StoreError>> {
         Box::pin(async move {
             let op = format!("watch {prefix} from {from}");
-            let mut options = WatchOptions::new().with_prefix();
             if from > 0 {
                 self.check_not_compacted(&op, prefix, from).await?;
-                options = options.with_start_revision(from);
             }
+            let (key, range_end) = prefix_range(prefix.as_bytes());
+            let create = rpc::WatchCreateRequest {
+                key,
+                range_end,
+                start_revision: from.max(0),
+            };
             // Establishing means etcd's "created" answer has arrived: from then on, "from
             // now" (0) is pinned and no event after it can be missed.
             let (stream, first) = self
-                .run(&op, |mut c| async move {
-                    let mut stream = c.watch(prefix, Some(options)).await?;
+                .run(&op, |c| async move {
+                    let mut stream = c.watch(create).await?;
                     let first = stream.message().await?;
                     Ok((stream, first))
                 })
@@ -422,19 +468,17 @@ impl Store for EtcdStore {
                     reason: format!("{op}: the stream closed before the watch was created"),
                 });
             };
-            if first.canceled() {
-                return Err(if first.compact_revision() > 0 {
+            if first.canceled {
+                return Err(if first.compact_revision > 0 {
                     StoreError::Other(format!(
                         "{op} at etcd {}: compacted (etcd keeps revisions from {} on); list \
                          again and watch from its revision + 1",
-                        self.endpoint,
-                        first.compact_revision()
+                        self.endpoint, first.compact_revision
                     ))
                 } else {
                     StoreError::Other(format!(
                         "{op} at etcd {}: cancelled: {}",
-                        self.endpoint,
-                        first.cancel_reason()
+                        self.endpoint, first.cancel_reason
                     ))
                 });
             }
@@ -448,8 +492,8 @@ impl Store for EtcdStore {
 /// Forwards events until etcd's stream ends, breaks or cancels the watch, or the reader goes
 /// away. Ending drops `tx`, which is how the reader learns to re-list.
 async fn forward(
-    mut stream: etcd_client::WatchStream,
-    first: etcd_client::WatchResponse,
+    mut stream: tonic::Streaming<rpc::WatchResponse>,
+    first: rpc::WatchResponse,
     tx: mpsc::Sender<WatchEvent>,
 ) {
     let mut next = Some(first);
@@ -467,7 +511,8 @@ async fn forward(
                 }
             }
         };
-        for event in resp.events() {
+        let canceled = resp.canceled;
+        for event in resp.events {
             match watch_event(event) {
                 Ok(Some(event)) => {
                     if tx.send(event).await.is_err() {
@@ -480,7 +525,7 @@ async fn forward(
                 Err(_) => return,
             }
         }
-        if resp.canceled() {
+        if canceled {
             return;
         }
     }

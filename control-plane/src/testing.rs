@@ -21,7 +21,9 @@ const START_ATTEMPTS: usize = 4;
 
 #[derive(Debug, Error)]
 pub enum EtcdServerError {
-    #[error("etcd not found: install Debian's etcd-server (.ci/run does)")]
+    #[error(
+        "etcd not found: install Debian's etcd-server (scripts/test.sh does) or set MYRIAD_ETCD_BIN"
+    )]
     NotFound,
     #[error("etcd test server: {what}: {source}")]
     Io {
@@ -236,23 +238,11 @@ impl Drop for EtcdServer {
 /// One connect + read against `endpoint`, each bounded, with a throwaway client so that no
 /// state leaks into the test's own clients.
 async fn probe(endpoint: &str) -> Result<(), String> {
-    let attempt = async {
-        let options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_millis(500))
-            .with_timeout(Duration::from_millis(500));
-        let mut client = etcd_client::Client::connect([endpoint], Some(options))
-            .await
-            .map_err(|e| e.to_string())?;
-        client
-            .get("/myriad-test-probe", None)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(())
-    };
-    match tokio::time::timeout(Duration::from_secs(1), attempt).await {
-        Ok(result) => result,
-        Err(_) => Err("probe timed out".to_string()),
-    }
+    let wait = Duration::from_millis(500);
+    crate::EtcdStore::connect_with_timeouts(&[endpoint.to_string()], wait, wait)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// `$MYRIAD_ETCD_BIN`, then `etcd` on `PATH`, then `/usr/bin/etcd`.

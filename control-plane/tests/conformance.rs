@@ -407,13 +407,10 @@ async fn memory_watch_before_history_is_compacted() {
 
 #[tokio::test]
 async fn etcd_watch_before_compaction_is_compacted() {
-    let (server, store) = etcd().await;
+    let (_server, store) = etcd().await;
     let first = store.put("h/a", b"1".to_vec(), None).await.expect("put");
     let last = store.put("h/a", b"2".to_vec(), None).await.expect("put");
-    let mut client = etcd_client::Client::connect([server.endpoint()], None)
-        .await
-        .expect("raw client");
-    client.compact(last, None).await.expect("compact");
+    store.compact(last).await.expect("compact");
     assert_compacted(store.watch("h/", first).await);
 }
 

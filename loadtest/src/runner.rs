@@ -61,15 +61,23 @@ pub async fn run(config: &Config) -> Result<Report, Error> {
     let clock = Instant::now();
     let deadline = tokio::time::Instant::from_std(clock) + config.timeout;
     let limit_s = config.timeout.as_secs_f64();
-    let model = match &config.model {
-        Some(m) => m.clone(),
-        None => timeout_at(deadline, first_model(&base, config.api_key.as_deref()))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: format!("GET {}", base.url("/v1/models")),
-                limit_s,
-            })??,
+    // A named model is used as it is; otherwise the first listed, whose context length (when
+    // the server gives it) lets a run that cannot fit be refused before it starts.
+    let (model, max_model_len) = match &config.model {
+        Some(m) => (m.clone(), None),
+        None => {
+            let listed = timeout_at(deadline, first_model(&base, config.api_key.as_deref()))
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: format!("GET {}", base.url("/v1/models")),
+                    limit_s,
+                })??;
+            (listed.id, listed.max_model_len)
+        }
     };
+    if let Some(max) = max_model_len {
+        check_fits(config, max)?;
+    }
     let shape = RequestShape {
         endpoint: config.endpoint,
         model: model.clone(),
@@ -149,8 +157,16 @@ pub async fn run(config: &Config) -> Result<Report, Error> {
     ))
 }
 
-/// `GET /v1/models` → the first model's id.
-async fn first_model(base: &BaseUrl, api_key: Option<&str>) -> Result<String, Error> {
+/// A model as `GET /v1/models` lists it.
+#[derive(Debug)]
+struct ListedModel {
+    id: String,
+    /// Its context length in tokens (vLLM's `max_model_len`), when the server says.
+    max_model_len: Option<usize>,
+}
+
+/// `GET /v1/models` → the first model listed.
+async fn first_model(base: &BaseUrl, api_key: Option<&str>) -> Result<ListedModel, Error> {
     let resp = http::send(base, "GET", "/v1/models", api_key, None).await?;
     let mut resp = resp.error_for_status().await?;
     let target = resp.target().to_string();
@@ -159,10 +175,43 @@ async fn first_model(base: &BaseUrl, api_key: Option<&str>) -> Result<String, Er
         target: target.clone(),
         reason: format!("the model list is not JSON: {e}"),
     })?;
-    v.pointer("/data/0/id")
-        .and_then(Value::as_str)
-        .map(String::from)
-        .ok_or(Error::NoModel { target })
+    let model = v.pointer("/data/0");
+    let Some(id) = model.and_then(|m| m.get("id")).and_then(Value::as_str) else {
+        return Err(Error::NoModel { target });
+    };
+    Ok(ListedModel {
+        id: id.to_string(),
+        max_model_len: model
+            .and_then(|m| m.get("max_model_len"))
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok()),
+    })
+}
+
+/// Refuses, before anything is sent, a run whose requests can never fit the model's context of
+/// `max_model_len` tokens: the long prompt (plus its one generated token), and a completion
+/// prompt plus `max_tokens` (a chat prompt's template adds a few tokens the server counts).
+fn check_fits(config: &Config, max_model_len: usize) -> Result<(), Error> {
+    if let Some(lp) = &config.long_prompt
+        && lp.tokens + 1 > max_model_len
+    {
+        return Err(Error::Config(format!(
+            "the long prompt of {} tokens (+1 generated) does not fit the model's context of \
+             {max_model_len} tokens (max_model_len in /v1/models): use --long-prompt-tokens {} \
+             or less",
+            lp.tokens,
+            max_model_len.saturating_sub(1)
+        )));
+    }
+    let needed = config.prompt_len + config.max_tokens;
+    if config.endpoint == Endpoint::Completions && needed > max_model_len {
+        return Err(Error::Config(format!(
+            "prompts of {} tokens + {} generated = {needed} tokens do not fit the model's \
+             context of {max_model_len} tokens (max_model_len in /v1/models)",
+            config.prompt_len, config.max_tokens
+        )));
+    }
+    Ok(())
 }
 
 /// One of the `concurrency` closed-loop workers: its records, in the order it ran them.

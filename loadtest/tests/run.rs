@@ -336,3 +336,47 @@ async fn a_long_prompt_after_the_streams_is_still_sent_and_says_so() {
     assert_eq!(l.itl_during_prefill_ms.p50, None);
     assert!(r.to_string().contains("no stream was decoding"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_cannot_fit_the_context_is_refused_before_it_starts() {
+    let server = start(Behavior {
+        max_model_len: Some(4096),
+        ..Behavior::default()
+    })
+    .await;
+    let mut c = config(&server.url, 2, 2, 3);
+    c.long_prompt = Some(LongPrompt {
+        tokens: 16384,
+        after: Duration::ZERO,
+    });
+    let e = run(&c).await.unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("16384")
+            && text.contains("4096")
+            && text.contains("--long-prompt-tokens 4095"),
+        "{text}"
+    );
+    assert_eq!(
+        server.generations.load(Ordering::SeqCst),
+        0,
+        "nothing was sent"
+    );
+
+    // Prompt + max_tokens of the streams themselves.
+    c.long_prompt = None;
+    c.prompt_len = 4000;
+    c.max_tokens = 100;
+    let e = run(&c).await.unwrap_err();
+    assert!(e.to_string().contains("4100 tokens"), "{e}");
+
+    // What fits runs.
+    c.prompt_len = 8;
+    c.long_prompt = Some(LongPrompt {
+        tokens: 4095,
+        after: Duration::ZERO,
+    });
+    let r = run(&c).await.unwrap();
+    assert!(r.long_prompt.as_ref().unwrap().ok);
+}

@@ -60,9 +60,10 @@ pub struct LoadtestArgs {
     /// report the streams' inter-token latencies during its prefill apart from the rest.
     #[arg(long)]
     pub long_prompt_tokens: Option<usize>,
-    /// Send the long prompt no earlier than this many seconds after the streams start (and only
-    /// once every running stream is decoding).
-    #[arg(long, default_value_t = 2.0)]
+    /// Send the long prompt no earlier than this many seconds after the streams start. It is
+    /// always sent only once every running stream is decoding, so by default (0) it goes out
+    /// as soon as the streams are all decoding, while they have the most tokens left.
+    #[arg(long, default_value_t = 0.0)]
     pub long_prompt_after_s: f64,
     /// First run one stream of the same shape alone, to compare the aggregate throughput with.
     #[arg(long)]
@@ -139,6 +140,14 @@ pub fn run(a: &LoadtestArgs) -> Result<()> {
             .map(|e| e.example.clone())
             .unwrap_or_else(|| "no request was sent".into());
         bail!("no request completed: {why}");
+    }
+    // The long-prompt figures are what was asked for: a run without them is no success.
+    if let Some(l) = report.long_prompt.as_ref().filter(|l| !l.ok) {
+        bail!(
+            "the long prompt of {} tokens did not complete: {}",
+            l.prompt_tokens_requested,
+            l.error.as_deref().unwrap_or("no error reported")
+        );
     }
     Ok(())
 }

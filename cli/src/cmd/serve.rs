@@ -172,13 +172,14 @@ pub fn serve_api(
         .with_context(|| format!("listening on {addr}"))?;
     let bound: SocketAddr = listener.local_addr().context("reading the bound address")?;
     eprintln!(
-        "serving {name} ({}) on http://{bound}/v1 (loaded in {:.1}s{})",
+        "serving {name} ({}), loaded in {:.1}s\nready: the OpenAI API is at http://{bound}/v1 \
+         ({}; Ctrl-C stops)",
         dir.display(),
         local.load_seconds,
         if state.config().api_keys.is_empty() {
-            ", no API key required"
+            "no API key required"
         } else {
-            ""
+            "API key required"
         }
     );
     // Scripts and tests wait for this line.

@@ -40,6 +40,8 @@ pub struct Behavior {
     pub hang: bool,
     /// Answer generation requests with this status and error message instead.
     pub fail_with: Option<(u16, &'static str)>,
+    /// The `max_model_len` `GET /v1/models` gives, if any.
+    pub max_model_len: Option<usize>,
 }
 
 impl Default for Behavior {
@@ -56,6 +58,7 @@ impl Default for Behavior {
             prefill: Duration::ZERO,
             hang: false,
             fail_with: None,
+            max_model_len: None,
         }
     }
 }
@@ -174,7 +177,11 @@ async fn handle(mut socket: TcpStream, state: &State) -> std::io::Result<()> {
     }
     if method == "GET" && path == "/v1/models" {
         state.model_lists.fetch_add(1, Ordering::SeqCst);
-        let list = json!({"object": "list", "data": [{"id": "fake-model", "object": "model"}]});
+        let mut model = json!({"id": "fake-model", "object": "model"});
+        if let Some(n) = b.max_model_len {
+            model["max_model_len"] = json!(n);
+        }
+        let list = json!({"object": "list", "data": [model]});
         respond_json(&mut socket, 200, "", &list).await;
         return Ok(());
     }
