@@ -14,16 +14,18 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use myriad_control::expert_agent::{PacedShard, serve_assignments};
+use myriad_control::expert_agent::serve_assignments;
+
+use crate::adapters::PacedShard;
+use crate::device::Device;
 use myriad_control::follower::FollowerConfig;
 use myriad_control::records::ExpertNodeRecord;
 use myriad_control::{ControllerConfig, Registration};
 use myriad_expert::{ExpertService, ExpertShard, NodeIdentity};
-use myriad_kernels::cpu::CpuBackend;
 use myriad_model::moe::ExpertExecutor;
-use myriad_model::wire::Limits;
 use myriad_model::{Checkpoint, ExpertSet, ModelConfig};
 use myriad_router::{Placement, RemoteExperts, RouterConfig};
+use myriad_wire::Limits;
 
 use crate::control::{AttentionControl, AttentionControlConfig, ControlArgs, start_attention};
 use myriad_transport::{Connector, LocalNetwork, QuicConnector, QuicLimits, QuicServer, TlsConfig};
@@ -171,9 +173,9 @@ impl ClusterArgs {
 /// What keeps a cluster's experts reachable (runtime, in-process servers) for as long as the
 /// engine lives.
 pub struct ExpertsHandle {
-    pub executor: Arc<dyn ExpertExecutor<CpuBackend>>,
+    pub executor: Arc<dyn ExpertExecutor<Device>>,
     /// The router, when experts are on nodes (for statistics).
-    pub router: Option<Arc<RemoteExperts<CpuBackend>>>,
+    pub router: Option<Arc<RemoteExperts<Device>>>,
     /// The in-process network, when nodes run inside this process (tests stop nodes with it).
     pub network: Option<LocalNetwork>,
     /// Bytes one routed expert occupies (what a token routed to it reads).
@@ -198,7 +200,7 @@ pub fn io_runtime() -> Result<tokio::runtime::Runtime> {
 /// Builds the routed-expert executor for `cluster`.
 pub fn experts(
     dir: &Path,
-    backend: &Arc<CpuBackend>,
+    backend: &Arc<Device>,
     config: &ModelConfig,
     ckpt: &Checkpoint,
     cluster: &ClusterArgs,
@@ -301,7 +303,7 @@ impl InProcessExperts {
         store: Arc<dyn myriad_control::Store>,
         control: &ControlArgs,
         dir: &Path,
-        backend: &Arc<CpuBackend>,
+        backend: &Arc<Device>,
         config: &ModelConfig,
         nodes: usize,
     ) -> Result<Self> {
@@ -381,7 +383,7 @@ impl Drop for InProcessExperts {
 
 /// A router over `placement` (at `version`) that has shaken hands with every node.
 fn connect_router(
-    backend: &Arc<CpuBackend>,
+    backend: &Arc<Device>,
     config: &ModelConfig,
     cluster: &ClusterArgs,
     runtime: &tokio::runtime::Runtime,
@@ -389,10 +391,7 @@ fn connect_router(
     placement: Placement,
     connector: Arc<dyn Connector>,
     client: &str,
-) -> Result<(
-    Arc<RemoteExperts<CpuBackend>>,
-    Vec<myriad_model::wire::HelloAck>,
-)> {
+) -> Result<(Arc<RemoteExperts<Device>>, Vec<myriad_wire::HelloAck>)> {
     let router = Arc::new(RemoteExperts::with_version(
         backend.clone(),
         version,
@@ -420,7 +419,7 @@ pub fn routed_expert_bytes(config: &ModelConfig, ckpt: &Checkpoint) -> usize {
 /// node, runs a controller candidate, waits for the first placement, follows later ones.
 fn controlled_experts(
     dir: &Path,
-    backend: &Arc<CpuBackend>,
+    backend: &Arc<Device>,
     config: &ModelConfig,
     ckpt: &Checkpoint,
     cluster: &ClusterArgs,
@@ -539,7 +538,7 @@ pub fn identity(config: &ModelConfig, name: &str) -> NodeIdentity {
 /// Serves `set` of the model's experts on `listen` until the returned server is dropped.
 pub fn serve_experts(
     runtime: &tokio::runtime::Runtime,
-    backend: Arc<CpuBackend>,
+    backend: Arc<Device>,
     config: &ModelConfig,
     ckpt: &Checkpoint,
     set: &ExpertSet,
@@ -556,12 +555,12 @@ pub fn serve_experts(
 /// Serves `shard` on `listen` until the returned server is dropped.
 pub fn serve_shard(
     runtime: &tokio::runtime::Runtime,
-    shard: Arc<ExpertShard<CpuBackend>>,
+    shard: Arc<ExpertShard<Device>>,
     config: &ModelConfig,
     name: &str,
     listen: SocketAddr,
     tls: &TlsConfig,
-) -> Result<(QuicServer, ExpertService<CpuBackend>)> {
+) -> Result<(QuicServer, ExpertService<Device>)> {
     let service = ExpertService::new(shard, identity(config, name), Limits::default());
     let _guard = runtime.enter();
     let server = QuicServer::bind(

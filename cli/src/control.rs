@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::device::Device;
 use anyhow::{Context, Result};
 use clap::Args;
 use myriad_control::follower::{FollowerConfig, PlacementSink, follow, wait_for_placement};
 use myriad_control::{
     Controller, ControllerConfig, EtcdStore, Keys, MemoryStore, Registration, Store,
 };
-use myriad_kernels::cpu::CpuBackend;
 use myriad_router::RemoteExperts;
 use tokio::sync::watch;
 
@@ -157,11 +157,11 @@ pub fn start_attention(
 
 impl AttentionControl {
     /// Starts following placements into `router` and reporting version and load.
-    pub fn follow(&mut self, router: Arc<RemoteExperts<CpuBackend>>, config: FollowerConfig) {
+    pub fn follow(&mut self, router: Arc<RemoteExperts<Device>>, config: FollowerConfig) {
         let Some(registration) = self.registration.clone() else {
             return;
         };
-        let sink: Arc<dyn PlacementSink> = router;
+        let sink: Arc<dyn PlacementSink> = Arc::new(crate::adapters::RouterSink(router));
         self.tasks.push(self.runtime.spawn(follow(
             self.store.clone(),
             self.keys.clone(),

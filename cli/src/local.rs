@@ -1,4 +1,4 @@
-//! Assembles the attention side of the engine on this machine: the CPU backend, the dense
+//! Assembles the attention side of the engine on this machine: the backend, the dense
 //! weights, and the routed experts wherever `cluster` puts them (by default every expert in an
 //! in-process [`myriad_expert::ExpertShard`]), wired through the `ExpertExecutor` contract.
 
@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use myriad_attention::{Engine, EngineConfig, Model};
-use myriad_kernels::cpu::{CpuBackend, Isa, Precision};
+use myriad_kernels::cpu::{Isa, Precision};
 use myriad_model::{Checkpoint, GenerationConfig, ModelConfig};
 
 use crate::cluster::{ClusterArgs, ExpertsHandle, TlsArgs, experts};
+use crate::device::Device;
 
 /// How to run the local engine.
 #[derive(Clone, Debug, Default)]
@@ -29,10 +30,10 @@ pub struct LocalOptions {
 pub struct LocalEngine {
     /// Shared so a server's scheduler thread can own a handle while this value keeps the
     /// experts (and their runtime) alive.
-    pub engine: Arc<Engine<CpuBackend>>,
+    pub engine: Arc<Engine<Device>>,
     pub config: ModelConfig,
     pub generation: GenerationConfig,
-    pub backend: Arc<CpuBackend>,
+    pub backend: Arc<Device>,
     pub experts: ExpertsHandle,
     pub load_seconds: f64,
 }
@@ -54,13 +55,7 @@ pub fn load_with(
     let generation = GenerationConfig::from_dir(dir, &config)?;
     let ckpt = Checkpoint::open(dir, &config)
         .with_context(|| format!("opening the checkpoint in {}", dir.display()))?;
-    let backend = Arc::new(
-        match opts.isa {
-            Some(isa) => CpuBackend::with_isa(opts.threads, isa),
-            None => CpuBackend::new(opts.threads),
-        }
-        .with_precision(opts.precision),
-    );
+    let backend = crate::device::backend(opts);
     let experts = experts(dir, &backend, &config, &ckpt, cluster, tls)?;
     let model = Model::load(
         config.clone(),

@@ -7,12 +7,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::device::Device;
 use anyhow::{Context, Result};
 use myriad_control::eplb::{self, NodeAssignment};
-use myriad_control::metrics::{MetricsText, Render, spawn_metrics};
 use myriad_control::records::{ControllerStatus, decode};
 use myriad_expert::ExpertService;
-use myriad_kernels::cpu::CpuBackend;
+use myriad_metrics::{MetricsText, Render, spawn_metrics};
 use myriad_router::RemoteExperts;
 
 use crate::control::AttentionControl;
@@ -22,7 +22,7 @@ pub fn serve_attention_metrics(
     runtime: &tokio::runtime::Runtime,
     addr: SocketAddr,
     name: &str,
-    router: Arc<RemoteExperts<CpuBackend>>,
+    router: Arc<RemoteExperts<Device>>,
     control: &AttentionControl,
     per_layer: bool,
 ) -> Result<SocketAddr> {
@@ -55,7 +55,7 @@ pub fn serve_attention_metrics(
 /// One scrape of an attention node.
 pub fn attention_text(
     node: &str,
-    router: &RemoteExperts<CpuBackend>,
+    router: &RemoteExperts<Device>,
     status: &ControllerStatus,
     per_layer: bool,
 ) -> String {
@@ -170,7 +170,7 @@ fn controller_families(m: &mut MetricsText, s: &ControllerStatus) {
 }
 
 /// One scrape of an expert node.
-pub fn expert_text(service: &ExpertService<CpuBackend>, per_layer: bool) -> String {
+pub fn expert_text(service: &ExpertService<Device>, per_layer: bool) -> String {
     let node = service.identity().name.clone();
     let served = service.served();
     let experts = served.first().map_or(0, Vec::len);
@@ -228,7 +228,7 @@ pub fn expert_text(service: &ExpertService<CpuBackend>, per_layer: bool) -> Stri
 pub fn serve_expert_metrics(
     runtime: &tokio::runtime::Runtime,
     addr: SocketAddr,
-    service: ExpertService<CpuBackend>,
+    service: ExpertService<Device>,
     per_layer: bool,
 ) -> Result<SocketAddr> {
     let render: Render = Arc::new(move || expert_text(&service, per_layer));

@@ -12,8 +12,8 @@ use myriad::cmd::launch::{Cluster, LaunchArgs, start_cluster};
 use myriad::local::{LocalEngine, LocalOptions, load_with};
 use myriad::runtime::RuntimeArgs;
 use myriad_attention::Completion;
-use myriad_model::wire::{FrameKind, Hello, Limits, Message, decode_header};
 use myriad_transport::{Connector, Frame, QuicConnector, QuicLimits, TlsConfig};
+use myriad_wire::{FrameKind, Hello, Limits, Message, decode_header};
 use serde_json::Value;
 
 mod common;
@@ -173,12 +173,10 @@ fn a_node_survives_garbage_wrong_versions_and_oversize_frames() {
             FrameKind::HelloAck
         );
 
-        let mut header = myriad_model::wire::encode_header(FrameKind::Hello, 4).to_vec();
+        let mut header = myriad_wire::encode_header(FrameKind::Hello, 4).to_vec();
         header[4] = 99; // unsupported version
-        let oversize =
-            myriad_model::wire::encode_header(FrameKind::ExpertRequest, u32::MAX).to_vec();
-        let mut bad_payload =
-            myriad_model::wire::encode_header(FrameKind::ExpertRequest, 3).to_vec();
+        let oversize = myriad_wire::encode_header(FrameKind::ExpertRequest, u32::MAX).to_vec();
+        let mut bad_payload = myriad_wire::encode_header(FrameKind::ExpertRequest, 3).to_vec();
         bad_payload.extend_from_slice(&[1, 2, 3]);
         for (what, bytes, closes) in [
             ("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec(), true),

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use myriad_model::ExpertSet;
+use myriad_wire::ExpertSet;
 use tokio::sync::watch;
 
 use crate::eplb::{self, NodeAssignment, NodeCapacity};

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use myriad_model::ExpertSet;
+use myriad_wire::ExpertSet;
 use tokio::sync::watch;
 
 use crate::keys::Keys;
@@ -14,7 +14,8 @@ use crate::membership::Registration;
 use crate::records::{Assignment, ExpertNodeRecord, decode, encode};
 use crate::store::{Store, WatchEvent};
 
-/// What the agent needs from the expert node's shard.
+/// What the agent needs from the expert node's shard (the expert node implements it; tests
+/// use a fake).
 pub trait ExpertHolder: Send + Sync + 'static {
     fn held(&self) -> ExpertSet;
     /// Makes the node hold exactly `set` (blocking: loads from the checkpoint).
@@ -25,32 +26,20 @@ pub trait ExpertHolder: Send + Sync + 'static {
     fn set_experts_in_background(&self, set: &ExpertSet) -> Result<(), String> {
         self.set_experts(set)
     }
-}
 
-/// An expert shard with the share of one core its background loads may take.
-pub struct PacedShard<B: myriad_kernels::Backend> {
-    pub shard: Arc<myriad_expert::ExpertShard<B>>,
-    /// Fraction of one core a non-urgent load may use (1: as fast as it can).
-    pub background_duty: f64,
-}
-
-impl<B: myriad_kernels::Backend> ExpertHolder for PacedShard<B> {
-    fn held(&self) -> ExpertSet {
-        self.shard.experts()
-    }
-
-    fn set_experts(&self, set: &ExpertSet) -> Result<(), String> {
-        self.shard
-            .set_experts(set)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-
-    fn set_experts_in_background(&self, set: &ExpertSet) -> Result<(), String> {
-        self.shard
-            .set_experts_paced(set, self.background_duty)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    /// Runs `load` (one of the calls above) on a thread of its own, off the async runtime;
+    /// `background`: a non-urgent change, which the holder may run at the lowest CPU priority.
+    /// The default is a plain thread.
+    fn spawn_loader(
+        &self,
+        background: bool,
+        load: Box<dyn FnOnce() + Send>,
+    ) -> std::io::Result<()> {
+        let _ = background;
+        std::thread::Builder::new()
+            .name("myriad-load".to_string())
+            .spawn(load)
+            .map(drop)
     }
 }
 
@@ -126,13 +115,17 @@ async fn apply(
         // background (lowest priority, paced); a failover's at full speed: steps wait for them.
         let (h, w, urgent) = (holder.clone(), want.clone(), a.urgent);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = myriad_expert::background::run_loader("myriad-load", 2, !urgent, move || {
-            let _ = tx.send(if urgent {
-                h.set_experts(&w)
-            } else {
-                h.set_experts_in_background(&w)
-            });
-        });
+        let loader = holder.clone();
+        let spawned = loader.spawn_loader(
+            !urgent,
+            Box::new(move || {
+                let _ = tx.send(if urgent {
+                    h.set_experts(&w)
+                } else {
+                    h.set_experts_in_background(&w)
+                });
+            }),
+        );
         let failure = match (spawned, rx.await) {
             (Err(e), _) => Some(format!("cannot start a loading thread: {e}")),
             (Ok(_), Ok(Ok(()))) => None,

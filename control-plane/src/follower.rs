@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use myriad_router::Placement;
+use myriad_wire::Placement;
 use tokio::sync::watch;
 
 use crate::keys::Keys;
@@ -28,33 +28,6 @@ pub trait PlacementSink: Send + Sync + 'static {
     /// Expert nodes whose last call failed for want of an answer (none succeeded since).
     fn unreachable(&self) -> Vec<String> {
         Vec::new()
-    }
-}
-
-impl<B: myriad_kernels::Backend> PlacementSink for myriad_router::RemoteExperts<B> {
-    fn set_placement(&self, version: u64, placement: Placement) -> Result<(), String> {
-        myriad_router::RemoteExperts::set_placement(self, version, placement)
-            .map_err(|e| e.to_string())
-    }
-
-    fn applied(&self) -> watch::Receiver<u64> {
-        self.subscribe_applied()
-    }
-
-    fn unreachable(&self) -> Vec<String> {
-        self.unreachable_nodes()
-    }
-
-    fn expert_tokens(&self) -> Vec<u64> {
-        let per_layer = myriad_router::RemoteExperts::expert_tokens(self);
-        let experts = per_layer.first().map_or(0, Vec::len);
-        let mut sum = vec![0u64; experts];
-        for layer in per_layer {
-            for (s, t) in sum.iter_mut().zip(layer) {
-                *s += t;
-            }
-        }
-        sum
     }
 }
 

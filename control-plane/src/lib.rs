@@ -7,7 +7,6 @@
 //! | [`etcd`] | [`EtcdStore`]: the contract on etcd |
 //! | [`memory`] | [`MemoryStore`]: the contract in memory (embedded default, unit tests) |
 //! | [`eplb`] | initial placement by memory and the EPLB-style rebalancer (pure) |
-//! | [`metrics`] | Prometheus text exposition and the `/metrics` HTTP endpoint |
 //! | [`keys`] | the key layout under `/myriad/{cluster}/` |
 //! | [`records`] | the JSON values stored under those keys |
 //! | [`view`] | [`ClusterView`]: one read of a cluster's state |
@@ -25,7 +24,6 @@ pub mod follower;
 pub mod keys;
 pub mod membership;
 pub mod memory;
-pub mod metrics;
 pub mod records;
 pub mod store;
 pub mod testing;

@@ -1,8 +1,8 @@
 //! The values stored under [`crate::keys`], as JSON. Every read names its key when the value
 //! cannot be understood, so a hand-edited or foreign key shows up as a clear error.
 
-use myriad_model::ExpertSet;
-use myriad_router::{NodeSpec, Placement};
+use myriad_wire::ExpertSet;
+use myriad_wire::{NodeSpec, Placement};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -74,14 +74,14 @@ pub struct PlacementDoc {
 }
 
 impl PlacementDoc {
-    pub fn to_placement(&self) -> Result<Placement, myriad_router::PlacementError> {
+    pub fn to_placement(&self) -> Result<Placement, myriad_wire::PlacementError> {
         let origin = format!("placement version {}", self.version);
         let nodes = self
             .nodes
             .iter()
             .map(|n| {
                 let experts = ExpertSet::parse(&n.experts, self.num_experts).map_err(|e| {
-                    myriad_router::PlacementError::Invalid {
+                    myriad_wire::PlacementError::Invalid {
                         origin: origin.clone(),
                         detail: format!("node {}: {e}", n.name),
                     }

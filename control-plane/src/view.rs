@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use myriad_model::ExpertSet;
+use myriad_wire::ExpertSet;
 
 use crate::keys::Keys;
 use crate::records::{

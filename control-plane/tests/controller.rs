@@ -33,8 +33,8 @@ use myriad_control::records::{
 };
 use myriad_control::testing::EtcdServer;
 use myriad_control::{ClusterView, EtcdStore, Keys, Registration, Store};
-use myriad_model::ExpertSet;
-use myriad_router::Placement;
+use myriad_wire::ExpertSet;
+use myriad_wire::Placement;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 

@@ -3,8 +3,9 @@
 //! scheduling class so the scheduler hands the cores to the serving threads first (on Linux
 //! scheduling attributes are per thread, and threads inherit them). Packing weights fans out over rayon, whose
 //! global pool was started at full priority, so the work runs inside a pool of its own whose
-//! threads the low-priority thread starts (and so inherit its priority). Weights loaded there
-//! use ordinary pages (see `myriad_kernels::cpu::arena::use_small_pages_on_this_thread`).
+//! threads the low-priority thread starts (and so inherit its priority). Every thread of a
+//! background load runs a `prepare` hook first (the backend's
+//! `Backend::prepare_background_thread`: ordinary pages on the CPU).
 
 /// Runs `f` on a new thread of the lowest CPU priority (with a rayon pool of `threads`
 /// threads of the same priority for any parallel work inside) and returns its result.
@@ -13,21 +14,22 @@ pub fn run_low_priority<T: Send + 'static>(
     threads: usize,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<T>> {
-    run_loader(name, threads, true, f)
+    run_loader(name, threads, true, || {}, f)
 }
 
 /// Runs `f` on a new thread with a rayon pool of `threads` threads of its own; with
-/// `background`, all of them at the lowest CPU priority and allocating ordinary pages.
+/// `background`, all of them at the lowest CPU priority and each running `prepare` first.
 pub fn run_loader<T: Send + 'static>(
     name: &str,
     threads: usize,
     background: bool,
+    prepare: impl Fn() + Clone + Send + Sync + 'static,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<T>> {
     let pool_name = format!("{name}-worker");
-    let small_pages = move || {
+    let prepare_thread = move || {
         if background {
-            myriad_kernels::cpu::arena::use_small_pages_on_this_thread();
+            prepare();
         }
     };
     std::thread::Builder::new()
@@ -36,11 +38,11 @@ pub fn run_loader<T: Send + 'static>(
             if background {
                 lower_this_thread();
             }
-            small_pages();
+            prepare_thread();
             match rayon::ThreadPoolBuilder::new()
                 .num_threads(threads.max(1))
                 .thread_name(move |i| format!("{pool_name}-{i}"))
-                .start_handler(move |_| small_pages())
+                .start_handler(move |_| prepare_thread())
                 .build()
             {
                 Ok(pool) => pool.install(f),

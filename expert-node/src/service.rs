@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use myriad_kernels::Backend;
 use myriad_model::moe::ExpertExecutor;
-use myriad_model::wire::{
+use myriad_transport::{BoxFuture, Frame, Handler};
+use myriad_wire::{
     ErrorCode, ErrorReply, ExpertRequest, ExpertResponse, FrameKind, Hello, HelloAck, Limits,
     Message, Ping, Pong, WireTensor,
 };
-use myriad_transport::{BoxFuture, Frame, Handler};
 
 use crate::shard::ExpertShard;
 

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use myriad_expert::{ExpertService, ExpertShard, NodeIdentity};
 use myriad_kernels::Routes;
 use myriad_kernels::cpu::CpuBackend;
-use myriad_model::wire::{
+use myriad_model::{Checkpoint, ExpertSet, ModelConfig};
+use myriad_transport::{Frame, Handler};
+use myriad_wire::{
     ErrorCode, ErrorReply, ExpertRequest, ExpertResponse, FrameKind, Hello, HelloAck, Limits,
     Message, TensorDtype, WireTensor,
 };
-use myriad_model::{Checkpoint, ExpertSet, ModelConfig};
-use myriad_transport::{Frame, Handler};
 
 fn service() -> (ExpertService<CpuBackend>, ModelConfig) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/qwen3_5_moe-tiny");

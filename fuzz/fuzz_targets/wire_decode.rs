@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use myriad_model::wire::{AnyMessage, FrameKind, Limits, decode_frame};
+use myriad_wire::{AnyMessage, FrameKind, Limits, decode_frame};
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits::default();

@@ -17,6 +17,8 @@ pub mod probe;
 
 pub use backend::{
     AttentionDims, AttentionLayer, Backend, DeltaNetDims, DeltaNetLayer, DeltaStateHost,
-    ExpertMatrices, HostMatrix, KvCacheHost, MatrixUse, Routes, SeqSpan, WeightDtype,
+    ExpertMatrices, HostMatrix, KvCacheHost, MatrixUse, SeqSpan, WeightDtype,
 };
 pub use error::KernelError;
+/// Routes are a node-to-node contract: defined in `myriad-wire`, the kernels consume them.
+pub use myriad_wire::Routes;

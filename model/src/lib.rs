@@ -7,25 +7,24 @@
 //!   conversion (BF16/F32 zero-copy, F16, block-scaled FP8) and both tensor naming schemes,
 //!   giving tensors in one canonical layout; [`checkpoint::regroup`] holds the Qwen3-Next
 //!   DeltaNet row regrouping.
-//! - [`expert_set`]: sets of expert ids such as `0-127,300` (what a node holds).
 //! - [`presets`]: the `tiny`, `mini512` and `bench` shapes and the special-token convention.
 //! - [`synth`]: writes a random-weight model in the Hugging Face layout, streaming to disk.
 //! - [`moe`]: the expert-executor contract between attention and expert roles.
-//! - [`wire`]: the node-to-node wire protocol (frames and messages).
+//!
+//! Node-to-node contracts (the wire protocol, routes, expert sets, placements) live in
+//! `myriad-wire`; [`ExpertSet`] is re-exported here because checkpoints load by it.
 
 pub mod checkpoint;
 pub mod config;
-pub mod expert_set;
 pub mod moe;
 pub mod presets;
 pub mod synth;
-pub mod wire;
 
 pub use checkpoint::{
     Checkpoint, CheckpointError, ExpertTensors, FullAttnTensors, HostTensor, LayerTensors,
     LinearAttnTensors, MixerTensors,
 };
 pub use config::{ConfigError, Family, GenerationConfig, LayerKind, ModelConfig};
-pub use expert_set::{ExpertSet, ExpertSetError};
+pub use myriad_wire::{ExpertSet, ExpertSetError};
 pub use presets::Preset;
 pub use synth::{SynthError, SynthReport, SynthSpec, write_random_model};

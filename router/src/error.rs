@@ -11,5 +11,5 @@ pub enum RouterError {
         reason: String,
     },
     #[error(transparent)]
-    Placement(#[from] crate::placement::PlacementError),
+    Placement(#[from] myriad_wire::placement::PlacementError),
 }

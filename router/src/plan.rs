@@ -8,7 +8,7 @@
 use myriad_kernels::Routes;
 use thiserror::Error;
 
-use crate::placement::Placement;
+use myriad_wire::placement::Placement;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum PlanError {
@@ -127,7 +127,7 @@ mod tests {
     use super::*;
     use myriad_model::ExpertSet;
 
-    use crate::placement::NodeSpec;
+    use myriad_wire::placement::NodeSpec;
 
     fn placement(specs: &[&str], experts: usize) -> Placement {
         let nodes = specs

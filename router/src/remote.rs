@@ -22,19 +22,19 @@ use std::time::{Duration, Instant};
 
 use myriad_kernels::{Backend, Routes};
 use myriad_model::moe::{ExpertError, ExpertExecutor, ExpertTicket};
-use myriad_model::wire::{
+use myriad_transport::{Connection, Connector, Frame, TransportError};
+use myriad_wire::{
     ErrorReply, ExpertRequest, ExpertResponse, FrameKind, HEADER_LEN, Hello, HelloAck, Limits,
     Message, TensorDtype, WireTensor,
 };
-use myriad_transport::{Connection, Connector, Frame, TransportError};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::error::RouterError;
-use crate::placement::Placement;
 use crate::plan::plan;
 use crate::stats::{Stats, StatsSnapshot};
+use myriad_wire::placement::Placement;
 
 /// Router settings.
 #[derive(Clone, Debug)]
@@ -227,7 +227,7 @@ impl<B: Backend> RemoteExperts<B> {
         let experts = inner.expert_tokens.len() / inner.layers.max(1);
         if placement.num_experts() != experts {
             return Err(RouterError::Placement(
-                crate::placement::PlacementError::Invalid {
+                myriad_wire::placement::PlacementError::Invalid {
                     origin: format!("placement version {version}"),
                     detail: format!(
                         "describes {} experts, the model has {experts}",

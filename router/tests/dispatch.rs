@@ -11,10 +11,10 @@ use myriad_expert::{ExpertService, ExpertShard, NodeIdentity};
 use myriad_kernels::cpu::CpuBackend;
 use myriad_kernels::{Backend, Routes};
 use myriad_model::moe::ExpertExecutor;
-use myriad_model::wire::Limits;
 use myriad_model::{Checkpoint, ExpertSet, ModelConfig};
 use myriad_router::{NodeSpec, Placement, RemoteExperts, RouterConfig};
 use myriad_transport::LocalNetwork;
+use myriad_wire::Limits;
 use proptest::prelude::*;
 
 struct World {

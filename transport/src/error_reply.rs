@@ -4,7 +4,7 @@
 //! For now the payload is the message as plain UTF-8 text. When the message codec defines an
 //! error message, only these two functions change.
 
-use myriad_model::wire::FrameKind;
+use myriad_wire::FrameKind;
 
 use crate::Frame;
 

@@ -3,7 +3,7 @@
 //! One request/response contract ([`Connector`] / [`Connection`] on the calling side, [`Handler`]
 //! on the serving side) with interchangeable implementations: in-process (the embedded default
 //! and tests), QUIC with mutual TLS (the CPU and cross-host path), and NCCL (GPU clusters,
-//! behind the `nccl` feature). Frames are [`myriad_model::wire`] frames; a transport checks the
+//! behind the `nccl` feature). Frames are [`myriad_wire`] frames; a transport checks the
 //! frame header (magic, version, kind, size limit) before reading a payload, answers a peer that
 //! sends anything else with an error frame and drops that connection, and keeps serving every
 //! other peer.
@@ -38,7 +38,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use myriad_model::wire::{FrameKind, WireError};
+use myriad_wire::{FrameKind, WireError};
 use thiserror::Error;
 
 /// A boxed, sendable future (the traits below are used as trait objects).

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use myriad_model::wire::WireError;
+use myriad_wire::WireError;
 use tokio::sync::watch;
 
 use crate::quic::DEFAULT_MAX_FRAME;

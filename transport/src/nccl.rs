@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use cudarc::driver::CudaContext;
 use cudarc::nccl::{Comm, Id};
-use myriad_model::wire::{HEADER_LEN, WireError, decode_header, encode_header};
+use myriad_wire::{HEADER_LEN, WireError, decode_header, encode_header};
 
 use crate::error_reply::error_frame;
 use crate::{BoxFuture, Connection, Connector, Frame, Handler, TransportError};

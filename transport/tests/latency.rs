@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{loopback, temp_dir, within};
-use myriad_model::wire::FrameKind;
 use myriad_transport::{
     BoxFuture, Connection, Connector, Frame, Handler, LocalNetwork, QuicConnector, QuicLimits,
     QuicServer, generate_pki,
 };
+use myriad_wire::FrameKind;
 
 /// Echoes the payload (no work, so the transport is what is timed).
 struct Echo;

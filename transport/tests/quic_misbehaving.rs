@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{handler, loopback, raw_connect, request, reversed, temp_dir, within};
-use myriad_model::wire::{FrameKind, HEADER_LEN, MAGIC, decode_header, encode_header};
 use myriad_transport::quic::CLOSE_BAD_FRAME;
 use myriad_transport::{Connector, QuicConnector, QuicLimits, QuicServer};
+use myriad_wire::{FrameKind, HEADER_LEN, MAGIC, decode_header, encode_header};
 
 const MAX_FRAME: u32 = 1 << 20;
 

@@ -9,11 +9,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::device::Device;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use myriad_attention::sampling::argmax;
 use myriad_attention::{Batch, SequenceState, Trace};
-use myriad_kernels::cpu::CpuBackend;
 use myriad_kernels::probe::{ReadProbe, matmul_gflops};
 use myriad_kernels::{Routes, SeqSpan, WeightDtype};
 use myriad_model::{Family, LayerKind, ModelConfig, Preset};
@@ -189,7 +189,7 @@ pub(crate) fn decode_run(
 ) -> Result<DecodeResult> {
     let model = e.engine.model();
     let vocab = e.config.vocab_size;
-    let mut seqs: Vec<SequenceState<CpuBackend>> = (0..bsz).map(|_| model.new_sequence()).collect();
+    let mut seqs: Vec<SequenceState<Device>> = (0..bsz).map(|_| model.new_sequence()).collect();
     let mut tokens = Vec::new();
     let mut spans = Vec::new();
     for i in 0..bsz {
@@ -201,7 +201,7 @@ pub(crate) fn decode_run(
         tokens.extend(prompt(&e.config, prompt_len, seed + i as u64));
     }
     let rows: Vec<usize> = spans.iter().map(|s| s.start + s.len - 1).collect();
-    let mut refs: Vec<&mut SequenceState<CpuBackend>> = seqs.iter_mut().collect();
+    let mut refs: Vec<&mut SequenceState<Device>> = seqs.iter_mut().collect();
     let logits = model.forward(&tokens, &spans, &mut refs, &rows, None)?;
     let mut next: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
     let mut touched = ExpertsTouched::default();

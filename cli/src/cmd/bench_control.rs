@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::device::Device;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use myriad_attention::SequenceState;
@@ -26,7 +27,6 @@ use myriad_control::records::{Request, encode};
 use myriad_control::testing::EtcdServer;
 use myriad_control::{ClusterView, EtcdStore, Keys, Store};
 use myriad_kernels::SeqSpan;
-use myriad_kernels::cpu::CpuBackend;
 use myriad_model::{Family, ModelConfig, Preset};
 use myriad_router::{RemoteExperts, StatsSnapshot};
 use serde_json::json;
@@ -196,7 +196,7 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
         ..TlsArgs::default()
     };
     let engine = load_with(&dir, &a.runtime.options(), &cluster, &tls)?;
-    let router: Arc<RemoteExperts<CpuBackend>> = engine
+    let router: Arc<RemoteExperts<Device>> = engine
         .experts
         .router
         .clone()
@@ -229,7 +229,7 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
                     .block_on(ClusterView::read(&*store, &keys))
                     .with_context(|| format!("reading the cluster ({what})"))
             };
-            let names = |r: &RemoteExperts<CpuBackend>| -> Vec<String> {
+            let names = |r: &RemoteExperts<Device>| -> Vec<String> {
                 r.placement()
                     .nodes()
                     .iter()
@@ -337,7 +337,7 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
     let model = engine.engine.model();
     let vocab = config.vocab_size;
     let bsz = a.batch.max(1);
-    let mut seqs: Vec<SequenceState<CpuBackend>> = (0..bsz).map(|_| model.new_sequence()).collect();
+    let mut seqs: Vec<SequenceState<Device>> = (0..bsz).map(|_| model.new_sequence()).collect();
     let mut tokens = Vec::new();
     let mut spans = Vec::new();
     for i in 0..bsz {
@@ -349,7 +349,7 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
         tokens.extend(prompt(&config, a.prompt_len, 1 + i as u64));
     }
     let rows: Vec<usize> = spans.iter().map(|s| s.start + s.len - 1).collect();
-    let mut refs: Vec<&mut SequenceState<CpuBackend>> = seqs.iter_mut().collect();
+    let mut refs: Vec<&mut SequenceState<Device>> = seqs.iter_mut().collect();
     let logits = model.forward(&tokens, &spans, &mut refs, &rows, None)?;
     let mut next: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
     let mut past = a.prompt_len;

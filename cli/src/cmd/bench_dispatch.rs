@@ -14,18 +14,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::device::Device;
 use anyhow::{Context, Result};
 use clap::Args;
 use myriad_expert::{ExpertService, ExpertShard};
 use myriad_kernels::Backend;
-use myriad_kernels::cpu::CpuBackend;
 use myriad_model::moe::ExpertExecutor;
-use myriad_model::wire::Limits;
 use myriad_model::{Checkpoint, Family, ModelConfig, Preset};
 use myriad_router::{Placement, RemoteExperts, RouterConfig};
 use myriad_transport::{
     Connector, LocalNetwork, QuicConnector, QuicLimits, QuicServer, generate_pki,
 };
+use myriad_wire::Limits;
 use serde_json::{Value, json};
 
 use crate::cluster::{ClusterArgs, identity, io_runtime};
@@ -73,9 +73,9 @@ struct RoundTrip {
 }
 
 fn time_runs(
-    exec: &dyn ExpertExecutor<CpuBackend>,
-    b: &CpuBackend,
-    x: &<CpuBackend as Backend>::Tensor,
+    exec: &dyn ExpertExecutor<Device>,
+    b: &Device,
+    x: &<Device as Backend>::Tensor,
     routes: &myriad_kernels::Routes,
     h: usize,
     repeats: usize,
@@ -109,7 +109,7 @@ pub fn run(a: &DispatchArgs) -> Result<()> {
     {
         let ckpt = Checkpoint::open(&dir, &config)?;
         let opts = a.runtime.options();
-        let backend = Arc::new(CpuBackend::new(opts.threads).with_precision(opts.precision));
+        let backend = crate::device::backend(&opts);
         let runtime = io_runtime()?;
         let pki_dir = std::env::temp_dir().join(format!("myriad-bench-pki-{}", std::process::id()));
         let names: Vec<String> = (0..a.nodes).map(|i| format!("e{i}")).collect();

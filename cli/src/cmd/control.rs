@@ -86,12 +86,8 @@ fn run_controller(a: &RunArgs) -> Result<()> {
         "controller {name} standing for election under {}",
         a.control.keys().root()
     );
-    println!("ready {name}");
-    use std::io::Write;
-    std::io::stdout()
-        .flush()
-        .context("writing the ready line")?;
-    runtime.block_on(crate::cmd::node::shutdown_signal());
+    crate::lifecycle::announce_ready(&name)?;
+    runtime.block_on(crate::lifecycle::shutdown_signal());
     let _ = stop.send(true);
     let _ = runtime.block_on(task);
     if let Ok(r) = std::sync::Arc::try_unwrap(registration) {

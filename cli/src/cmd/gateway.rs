@@ -12,8 +12,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use myriad_gateway::proxy::{ProxyConfig, ProxyState, check_health, serve_proxy};
 
-use crate::cmd::node::shutdown_signal;
 use crate::cmd::serve::ApiKeyArgs;
+use crate::lifecycle::shutdown_signal;
 
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
@@ -84,12 +84,7 @@ pub fn run(a: &GatewayArgs) -> Result<()> {
             ""
         }
     );
-    // Scripts and tests wait for this line.
-    println!("ready http://{bound}");
-    use std::io::Write;
-    std::io::stdout()
-        .flush()
-        .context("writing the ready line")?;
+    crate::lifecycle::announce_ready(&format!("http://{bound}"))?;
     runtime
         .block_on(serve_proxy(listener, state, shutdown_signal()))
         .context("serving HTTP")?;

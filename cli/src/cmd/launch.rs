@@ -17,7 +17,8 @@ use myriad_router::Placement;
 use myriad_transport::generate_pki;
 
 use crate::cluster::{ClusterArgs, TlsArgs};
-use crate::cmd::node::{serve_requests, shutdown_signal};
+use crate::cmd::node::serve_requests;
+use crate::lifecycle::shutdown_signal;
 use crate::local::load_with;
 use crate::runtime::RuntimeArgs;
 

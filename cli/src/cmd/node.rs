@@ -15,13 +15,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use myriad_attention::{Request, SamplingParams};
-use myriad_kernels::cpu::CpuBackend;
 use myriad_model::{Checkpoint, ExpertSet, ModelConfig};
 use myriad_router::Placement;
 use serde::Deserialize;
 
 use myriad_control::Registration;
-use myriad_control::expert_agent::{PacedShard, serve_assignments};
+use myriad_control::expert_agent::serve_assignments;
 use myriad_control::records::ExpertNodeRecord;
 use myriad_expert::ExpertShard;
 
@@ -29,6 +28,7 @@ use crate::cluster::{ClusterArgs, TlsArgs, io_runtime, routed_expert_bytes, serv
 use crate::cmd::generate::completion_json;
 use crate::cmd::serve::{ApiArgs, dir_name, serve_api};
 use crate::control::ControlArgs;
+use crate::lifecycle::shutdown_signal;
 use crate::local::{LocalEngine, load_with};
 use crate::metrics::serve_expert_metrics;
 use crate::runtime::RuntimeArgs;
@@ -158,7 +158,7 @@ fn expert(a: &ExpertArgs) -> Result<()> {
         }
     };
     let tls = a.tls.config()?;
-    let backend = backend_for(&a.runtime.options());
+    let backend = crate::device::backend(&a.runtime.options());
     let runtime = io_runtime()?;
     let shard = Arc::new(
         ExpertShard::load(backend, &config, &ckpt, &set).context("loading this node's experts")?,
@@ -172,25 +172,11 @@ fn expert(a: &ExpertArgs) -> Result<()> {
         "expert node {name} listening on {addr}, holding experts {set} of {} layers",
         config.num_layers
     );
-    // The launcher waits for this line.
-    println!("ready {addr}");
-    std::io::stdout()
-        .flush()
-        .context("writing the ready line")?;
+    crate::lifecycle::announce_ready(&format!("{addr}"))?;
     runtime.block_on(shutdown_signal());
     eprintln!("expert node {name} stopping");
     server.shutdown();
     Ok(())
-}
-
-fn backend_for(opts: &crate::local::LocalOptions) -> Arc<CpuBackend> {
-    Arc::new(
-        match opts.isa {
-            Some(isa) => CpuBackend::with_isa(opts.threads, isa),
-            None => CpuBackend::new(opts.threads),
-        }
-        .with_precision(opts.precision),
-    )
 }
 
 /// An expert node under the control plane: registers (address, memory, what it holds) under a
@@ -206,7 +192,7 @@ fn controlled_expert(a: &ExpertArgs) -> Result<()> {
         None => ExpertSet::none(config.num_experts),
     };
     let tls = a.tls.config()?;
-    let backend = backend_for(&a.runtime.options());
+    let backend = crate::device::backend(&a.runtime.options());
     let runtime = io_runtime()?;
     let shard = Arc::new(
         ExpertShard::load_growable(backend, &config, ckpt.clone(), &set)
@@ -252,7 +238,7 @@ fn controlled_expert(a: &ExpertArgs) -> Result<()> {
         keys.clone(),
         registration.clone(),
         record,
-        Arc::new(PacedShard {
+        Arc::new(crate::adapters::PacedShard {
             shard,
             background_duty: a.load_duty,
         }),
@@ -267,10 +253,7 @@ fn controlled_expert(a: &ExpertArgs) -> Result<()> {
             set.to_string()
         }
     );
-    println!("ready {addr}");
-    std::io::stdout()
-        .flush()
-        .context("writing the ready line")?;
+    crate::lifecycle::announce_ready(&format!("{addr}"))?;
     runtime.block_on(shutdown_signal());
     eprintln!("expert node {name} stopping");
     let _ = stop.send(true);
@@ -290,30 +273,6 @@ fn available_memory() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }
 
 /// One request line.

@@ -14,7 +14,7 @@ use myriad_attention::{Generate, Scheduler, SchedulerConfig};
 use myriad_gateway::{GatewayConfig, GatewayState};
 
 use crate::cluster::{ClusterArgs, TlsArgs};
-use crate::cmd::node::shutdown_signal;
+use crate::lifecycle::shutdown_signal;
 use crate::local::{LocalEngine, load_with};
 use crate::runtime::RuntimeArgs;
 
@@ -182,12 +182,7 @@ pub fn serve_api(
             "API key required"
         }
     );
-    // Scripts and tests wait for this line.
-    println!("ready http://{bound}");
-    use std::io::Write;
-    std::io::stdout()
-        .flush()
-        .context("writing the ready line")?;
+    crate::lifecycle::announce_ready(&format!("http://{bound}"))?;
     runtime
         .block_on(myriad_gateway::serve(
             listener,

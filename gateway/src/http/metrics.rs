@@ -1,5 +1,5 @@
-//! The gateway's Prometheus metrics and `GET /metrics` (text format 0.0.4, written here so the
-//! gateway does not pull in the control plane's dependencies): requests by endpoint and status,
+//! The gateway's Prometheus metrics and `GET /metrics` (text format 0.0.4, written by
+//! `myriad-metrics`, the writer every role shares): requests by endpoint and status,
 //! tokens in and out, time to first token, inter-token latency and request latency as
 //! histograms, requests in flight, and the engine's own counters from `Generate::stats()`.
 //!
@@ -7,7 +7,6 @@
 //! handler runs (401 from auth, 404 for unknown paths) are counted too.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,11 +15,10 @@ use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+pub use myriad_metrics::CONTENT_TYPE;
+use myriad_metrics::{Histogram, MetricsText};
 
 use super::app::GatewayState;
-
-/// The content type of text format 0.0.4.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Paths reported by name; anything else is "other", so that scanners probing random URLs
 /// cannot grow the number of series without bound.
@@ -39,31 +37,8 @@ const LATENCY_BUCKETS: [f64; 20] = [
     10.0, 20.0, 60.0, 300.0,
 ];
 
-#[derive(Debug, Default)]
-struct Histogram {
-    /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS`], plus one for +Inf.
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        if self.counts.is_empty() {
-            self.counts = vec![0; LATENCY_BUCKETS.len() + 1];
-        }
-        let bucket = LATENCY_BUCKETS
-            .iter()
-            .position(|&le| seconds <= le)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.counts[bucket] += 1;
-        self.sum += seconds;
-        self.count += 1;
-    }
-}
-
 /// Everything the gateway counts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     prompt_tokens: AtomicU64,
@@ -72,6 +47,21 @@ pub struct Metrics {
     ttft: Mutex<Histogram>,
     itl: Mutex<Histogram>,
     latency: Mutex<Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let latency = || Mutex::new(Histogram::new(&LATENCY_BUCKETS));
+        Metrics {
+            requests: Mutex::default(),
+            prompt_tokens: AtomicU64::default(),
+            generated_tokens: AtomicU64::default(),
+            in_flight: AtomicI64::default(),
+            ttft: latency(),
+            itl: latency(),
+            latency: latency(),
+        }
+    }
 }
 
 fn observe(h: &Mutex<Histogram>, d: Duration) {
@@ -122,40 +112,28 @@ impl Metrics {
 
     /// One scrape.
     pub fn render(&self, engine: &myriad_attention::SchedulerStats) -> String {
-        let mut out = String::new();
+        let mut m = MetricsText::new();
         requests_family(
-            &mut out,
+            &mut m,
             "myriad_gateway_requests_total",
             "HTTP requests answered, by endpoint and status.",
             &self.requests,
         );
-        let counters = [
-            (
-                "myriad_gateway_prompt_tokens_total",
-                "Prompt tokens of accepted requests.",
-                self.prompt_tokens.load(Ordering::Relaxed),
-            ),
-            (
-                "myriad_gateway_generation_tokens_total",
-                "Tokens generated for clients.",
-                self.generated_tokens.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, help, v) in counters {
-            family(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {v}");
-        }
-        family(
-            &mut out,
+        m.counter(
+            "myriad_gateway_prompt_tokens_total",
+            "Prompt tokens of accepted requests.",
+        )
+        .sample(&[], self.prompt_tokens.load(Ordering::Relaxed) as f64);
+        m.counter(
+            "myriad_gateway_generation_tokens_total",
+            "Tokens generated for clients.",
+        )
+        .sample(&[], self.generated_tokens.load(Ordering::Relaxed) as f64);
+        m.gauge(
             "myriad_gateway_requests_in_flight",
-            "gauge",
             "Requests with sequences in the engine.",
-        );
-        let _ = writeln!(
-            out,
-            "myriad_gateway_requests_in_flight {}",
-            self.in_flight()
-        );
+        )
+        .sample(&[], self.in_flight() as f64);
         let histograms = [
             (
                 "myriad_gateway_time_to_first_token_seconds",
@@ -174,12 +152,8 @@ impl Metrics {
             ),
         ];
         for (name, help, h) in histograms {
-            histogram(
-                &mut out,
-                name,
-                help,
-                &h.lock().unwrap_or_else(|p| p.into_inner()),
-            );
+            let h = h.lock().unwrap_or_else(|p| p.into_inner());
+            m.histogram(name, help, &[], &h);
         }
         let gauges = [
             (
@@ -204,8 +178,7 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in gauges {
-            family(&mut out, name, "gauge", help);
-            let _ = writeln!(out, "{name} {}", number(v));
+            m.gauge(name, help).sample(&[], v);
         }
         let counters = [
             ("myriad_engine_steps_total", "Forward steps.", engine.steps),
@@ -231,54 +204,25 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in counters {
-            family(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {v}");
+            m.counter(name, help).sample(&[], v as f64);
         }
-        out
+        m.finish()
     }
 }
 
 /// A counter family of requests by (endpoint, status).
 pub(crate) fn requests_family(
-    out: &mut String,
+    m: &mut MetricsText,
     name: &str,
     help: &str,
     requests: &Mutex<BTreeMap<(&'static str, u16), u64>>,
 ) {
-    family(out, name, "counter", help);
+    let family = m.counter(name, help);
     for ((endpoint, status), n) in requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        let _ = writeln!(
-            out,
-            "{name}{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
+        family.sample(
+            &[("endpoint", endpoint), ("status", &status.to_string())],
+            *n as f64,
         );
-    }
-}
-
-pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
-    family(out, name, "histogram", help);
-    let mut cumulative = 0;
-    for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-        cumulative += h.counts.get(i).copied().unwrap_or(0);
-        let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", number(*le));
-    }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-    let _ = writeln!(out, "{name}_sum {}", number(h.sum));
-    let _ = writeln!(out, "{name}_count {}", h.count);
-}
-
-/// A sample value as Prometheus parses it (Rust's `Display` never uses an exponent).
-pub(crate) fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
-    } else {
-        v.to_string()
     }
 }
 

@@ -4,7 +4,6 @@
 //! checks; retries on another node; healthy nodes.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +15,9 @@ use axum::response::{IntoResponse, Response};
 
 use super::app::ProxyState;
 use super::nodes::{Node, Nodes};
-use crate::http::metrics::{CONTENT_TYPE, endpoint_label, family, requests_family};
+use myriad_metrics::{CONTENT_TYPE, MetricsText};
+
+use crate::http::metrics::{endpoint_label, requests_family};
 
 /// Everything the proxy counts beside the node table's own gauges.
 #[derive(Debug, Default)]
@@ -45,17 +46,15 @@ impl ProxyMetrics {
 
     /// One scrape.
     pub fn render(&self, nodes: &Nodes) -> String {
-        let mut out = String::new();
+        let mut m = MetricsText::new();
         requests_family(
-            &mut out,
+            &mut m,
             "myriad_proxy_requests_total",
             "HTTP requests answered by the proxy, by endpoint and status.",
             &self.requests,
         );
-        family(
-            &mut out,
+        let upstream = m.counter(
             "myriad_proxy_upstream_requests_total",
-            "counter",
             "Requests sent to attention nodes, by node and the node's status (error: no response).",
         );
         for ((node, status), n) in self
@@ -65,74 +64,54 @@ impl ProxyMetrics {
             .iter()
         {
             let status = status.map_or_else(|| "error".to_string(), |s| s.to_string());
-            let _ = writeln!(
-                out,
-                "myriad_proxy_upstream_requests_total{{node=\"{}\",status=\"{status}\"}} {n}",
-                escape(&nodes.get(*node).label)
+            upstream.sample(
+                &[("node", &nodes.get(*node).label), ("status", &status)],
+                *n as f64,
             );
         }
-        let per_node: [(&str, &str, &str, NodeValue); 3] = [
+        let per_node: [(&str, bool, &str, NodeValue); 3] = [
             (
                 "myriad_proxy_upstream_in_flight",
-                "gauge",
+                false,
                 "Requests on each attention node whose responses have not finished.",
                 |n| n.in_flight() as u64,
             ),
             (
                 "myriad_proxy_node_up",
-                "gauge",
+                false,
                 "1 while an attention node is in rotation (healthy), else 0.",
                 |n| u64::from(n.healthy()),
             ),
             (
                 "myriad_proxy_health_check_failures_total",
-                "counter",
+                true,
                 "Failed health checks of each attention node.",
                 |n| n.health_check_failures.load(Ordering::Relaxed),
             ),
         ];
-        for (name, kind, help, value) in per_node {
-            family(&mut out, name, kind, help);
+        for (name, counter, help, value) in per_node {
+            let family = if counter {
+                m.counter(name, help)
+            } else {
+                m.gauge(name, help)
+            };
             for node in nodes.iter() {
-                let _ = writeln!(
-                    out,
-                    "{name}{{node=\"{}\"}} {}",
-                    escape(&node.label),
-                    value(node)
-                );
+                family.sample(&[("node", &node.label)], value(node) as f64);
             }
         }
-        family(
-            &mut out,
+        m.counter(
             "myriad_proxy_retries_total",
-            "counter",
             "Requests sent to another node after one could not take them.",
-        );
-        let _ = writeln!(
-            out,
-            "myriad_proxy_retries_total {}",
-            self.retries.load(Ordering::Relaxed)
-        );
-        family(
-            &mut out,
-            "myriad_proxy_healthy_nodes",
-            "gauge",
-            "Attention nodes in rotation.",
-        );
-        let _ = writeln!(out, "myriad_proxy_healthy_nodes {}", nodes.healthy_count());
-        out
+        )
+        .sample(&[], self.retries.load(Ordering::Relaxed) as f64);
+        m.gauge("myriad_proxy_healthy_nodes", "Attention nodes in rotation.")
+            .sample(&[], nodes.healthy_count() as f64);
+        m.finish()
     }
 }
 
 /// One per-node sample's value.
 type NodeValue = fn(&Node) -> u64;
-
-/// A label value as the text format writes it.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
 
 /// Middleware: counts every answered request by endpoint and status.
 pub(crate) async fn count_requests(
@@ -186,6 +165,5 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
-        assert_eq!(escape("a\"b\\"), "a\\\"b\\\\");
     }
 }

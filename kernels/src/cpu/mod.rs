@@ -148,6 +148,12 @@ impl Backend for CpuBackend {
     type DeltaState = CpuDeltaState;
     type KvCache = CpuKvCache;
 
+    /// Ordinary pages for what the thread allocates: a huge-page fault may compact memory,
+    /// migrating the serving threads' pages under them and stalling their steps.
+    fn prepare_background_thread(&self) {
+        arena::use_small_pages_on_this_thread();
+    }
+
     fn name(&self) -> String {
         format!(
             "cpu ({}, {} threads, {} matmul inputs)",

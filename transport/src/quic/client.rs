@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use myriad_model::wire::WireError;
+use myriad_wire::WireError;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{ConnectionError, Endpoint, ReadError, SendStream, VarInt, WriteError};
 use tokio::time::timeout;

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use myriad_model::wire::{FrameHeader, HEADER_LEN, WireError, decode_header, encode_header};
+use myriad_wire::{FrameHeader, HEADER_LEN, WireError, decode_header, encode_header};
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::time::timeout;
 

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use myriad_model::wire::FrameKind;
 use myriad_transport::{BoxFuture, Frame, Handler, TlsConfig};
+use myriad_wire::FrameKind;
 use quinn::crypto::rustls::QuicClientConfig;
 
 /// Runs `test` but fails it after `secs` seconds instead of hanging.

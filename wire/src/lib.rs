@@ -1,20 +1,35 @@
-//! Myriad's node-to-node wire protocol, version 1: versioned, length-delimited frames
-//! ([`frame`]) whose payloads are the messages in [`messages`] ([`control`] for the handshake,
-//! liveness and errors, [`expert`] for expert requests and responses). Tensors travel as raw
-//! little-endian bytes with dtype and shape headers ([`tensor`]), routes as per-row
-//! (expert, weight) lists ([`routes`]). Every size a peer sends is checked against [`Limits`]
-//! before anything is allocated; a decoder error names the field that was wrong.
+//! The contracts between Myriad's nodes, in one versioned place (as TGI keeps `proto/`):
+//!
+//! - The wire protocol, version 1 ([`VERSION`]): versioned, length-delimited frames
+//!   ([`frame`]) whose payloads are the messages in [`messages`] ([`control`] for the
+//!   handshake, liveness and errors, [`expert`] for expert requests and responses). Tensors
+//!   travel as raw little-endian bytes with dtype and shape headers ([`tensor`]), routes as
+//!   per-row (expert, weight) lists ([`routes`]). Every size a peer sends is checked against
+//!   [`Limits`] before anything is allocated; a decoder error names the field that was wrong.
+//! - What the messages carry and the control plane publishes: [`Routes`] (which experts each
+//!   row goes to), [`ExpertSet`] (which experts a node holds, `0-127,300`) and [`Placement`]
+//!   (which node serves which experts).
+//!
+//! This crate depends on no other Myriad crate, so transports, the router and the control
+//! plane can share it without linking kernels or model code.
 
 mod codec;
 pub mod control;
 pub mod expert;
+pub mod expert_set;
 pub mod frame;
 pub mod limits;
 pub mod messages;
+pub mod placement;
+pub mod route_table;
 pub mod routes;
 pub mod tensor;
 
 use thiserror::Error;
+
+pub use expert_set::{ExpertSet, ExpertSetError};
+pub use placement::{NodeSpec, Placement, PlacementError};
+pub use route_table::Routes;
 
 pub use control::{ErrorCode, ErrorReply, Hello, HelloAck, Ping, Pong};
 pub use expert::{ExpertRequest, ExpertResponse};

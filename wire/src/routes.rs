@@ -8,7 +8,7 @@
 //! Pairs keep their order: an expert node sums a row's expert outputs in exactly this order,
 //! which is what makes the combined result independent of how rows are split across nodes.
 
-use myriad_kernels::Routes;
+use crate::route_table::Routes;
 
 use super::WireError;
 use super::codec::{Put, Reader};

@@ -17,7 +17,7 @@ use super::limits::Limits;
 use super::messages::{Message, reader};
 
 /// Client → node: who is calling and which model it runs
-/// ([`ModelConfig::fingerprint`](crate::ModelConfig::fingerprint)).
+/// (`ModelConfig::fingerprint` in `myriad-model`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub client: String,

@@ -1,10 +1,12 @@
-//! Prometheus text exposition (format 0.0.4) and the `/metrics` HTTP endpoint.
+//! Prometheus text exposition (format 0.0.4) and the `/metrics` HTTP endpoint, one writer for
+//! every role (gateway, proxy, attention and expert nodes, controller).
 //!
 //! [`MetricsText`] builds one scrape's worth of text: families (`# HELP`, `# TYPE`, then
 //! samples) kept grouped even when samples arrive interleaved, label values and help text
-//! escaped, numbers written the way Prometheus parses them. [`serve_metrics`] answers
-//! `GET /metrics` with whatever a render callback produces, so each component owns what it
-//! reports and this module owns only the wire format.
+//! escaped, numbers written the way Prometheus parses them; [`Histogram`] keeps the buckets of
+//! a latency histogram. [`serve_metrics`] answers `GET /metrics` with whatever a render
+//! callback produces, so each component owns what it reports and this crate owns only the
+//! format.
 //!
 //! Metric and label names are chosen in code, not taken from input, so a bad name is a bug:
 //! it trips a `debug_assert!` in tests and debug builds, and in release the offending family or
@@ -22,6 +24,10 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+mod histogram;
+
+pub use histogram::Histogram;
+
 /// The content type of text format 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -32,6 +38,7 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 pub enum MetricKind {
     Counter,
     Gauge,
+    Histogram,
 }
 
 impl MetricKind {
@@ -39,6 +46,7 @@ impl MetricKind {
         match self {
             MetricKind::Counter => "counter",
             MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
         }
     }
 }
@@ -55,7 +63,7 @@ struct Family {
 /// One scrape of text format 0.0.4, built family by family.
 ///
 /// ```
-/// # use myriad_control::metrics::MetricsText;
+/// # use myriad_metrics::MetricsText;
 /// let mut m = MetricsText::new();
 /// m.counter("myriad_requests", "Requests served.")
 ///     .sample(&[("node", "e0")], 12.0);
@@ -126,29 +134,21 @@ impl MetricsText {
             return self;
         };
         let family = &mut self.families[i];
+        if family.kind == MetricKind::Histogram {
+            debug_assert!(
+                false,
+                "{} is a histogram: use MetricsText::histogram",
+                family.name
+            );
+            return self;
+        }
         if family.kind == MetricKind::Counter && value < 0.0 {
             debug_assert!(false, "counter {} given {value}", family.name);
             return self;
         }
-        let mut set = String::new();
-        for (k, (name, value)) in labels.iter().enumerate() {
-            if !valid_label_name(name) || labels[..k].iter().any(|(n, _)| n == name) {
-                debug_assert!(
-                    false,
-                    "invalid or repeated label {name:?} on {}",
-                    family.name
-                );
-                return self;
-            }
-            set.push(if k == 0 { '{' } else { ',' });
-            set.push_str(name);
-            set.push_str("=\"");
-            escape_label_value(&mut set, value);
-            set.push('"');
-        }
-        if !set.is_empty() {
-            set.push('}');
-        }
+        let Some(set) = label_set(&family.name, labels, None) else {
+            return self;
+        };
         if !family.series.insert(set.clone()) {
             debug_assert!(false, "series {}{set} given twice", family.name);
             return self;
@@ -158,6 +158,51 @@ impl MetricsText {
         family.samples.push(' ');
         family.samples.push_str(&format_value(value));
         family.samples.push('\n');
+        self
+    }
+
+    /// A histogram family (`name` ends in its unit, e.g. `_seconds`) with one series, `labels`
+    /// (`le` is added per bucket): cumulative `_bucket` counts, `_sum` and `_count`. Calling it
+    /// again with the same name and other labels adds a series to the same family.
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+        h: &Histogram,
+    ) -> &mut Self {
+        self.family(name.to_string(), help, MetricKind::Histogram);
+        let Some(i) = self.current.take() else {
+            return self;
+        };
+        let family = &mut self.families[i];
+        let Some(key) = label_set(&family.name, labels, None) else {
+            return self;
+        };
+        if !family.series.insert(key) {
+            debug_assert!(false, "histogram series of {} given twice", family.name);
+            return self;
+        }
+        let mut cumulative = 0;
+        let buckets = h
+            .bounds()
+            .iter()
+            .map(|&le| format_value(le))
+            .chain(std::iter::once("+Inf".to_string()));
+        for (le, count) in buckets.zip(h.bucket_counts()) {
+            cumulative += count;
+            if let Some(set) = label_set(&family.name, labels, Some(&le)) {
+                let _ = writeln!(family.samples, "{}_bucket{set} {cumulative}", family.name);
+            }
+        }
+        let set = label_set(&family.name, labels, None).unwrap_or_default();
+        let _ = writeln!(
+            family.samples,
+            "{}_sum{set} {}",
+            family.name,
+            format_value(h.sum())
+        );
+        let _ = writeln!(family.samples, "{}_count{set} {}", family.name, h.count());
         self
     }
 
@@ -175,6 +220,32 @@ impl MetricsText {
         }
         out
     }
+}
+
+/// `{a="x",b="y"}` (with `le` last when given), or "" for no labels; `None` (and a debug
+/// assertion) for an invalid or repeated label name.
+fn label_set(family: &str, labels: &[(&str, &str)], le: Option<&str>) -> Option<String> {
+    let mut set = String::new();
+    let all = labels.iter().copied().chain(le.map(|le| ("le", le)));
+    for (k, (name, value)) in all.enumerate() {
+        if !valid_label_name(name)
+            || labels[..k.min(labels.len())]
+                .iter()
+                .any(|(n, _)| *n == name)
+        {
+            debug_assert!(false, "invalid or repeated label {name:?} on {family}");
+            return None;
+        }
+        set.push(if k == 0 { '{' } else { ',' });
+        set.push_str(name);
+        set.push_str("=\"");
+        escape_label_value(&mut set, value);
+        set.push('"');
+    }
+    if !set.is_empty() {
+        set.push('}');
+    }
+    Some(set)
 }
 
 fn valid_metric_name(name: &str) -> bool {
@@ -290,6 +361,11 @@ mod tests {
         // Interleaved: back to the first family, which must stay one block.
         m.counter("myriad_tokens_routed_total", "ignored on resume")
             .sample(&[("layer", "1"), ("expert", "3")], 7.0);
+        let mut h = Histogram::new(&[0.01, 0.5, 2.0]);
+        for v in [0.0078125, 0.25, 0.5, 9.0] {
+            h.observe(v);
+        }
+        m.histogram("myriad_step_seconds", "Step time.", &[("node", "a")], &h);
         m.finish()
     }
 
@@ -313,6 +389,14 @@ mod tests {
             "myriad_node_memory_bytes{node=\"e3\"} -Inf\n",
             "myriad_node_memory_bytes{node=\"e4\"} 1.5e-9\n",
             "myriad_node_memory_bytes{node=\"e5\"} 3e300\n",
+            "# HELP myriad_step_seconds Step time.\n",
+            "# TYPE myriad_step_seconds histogram\n",
+            "myriad_step_seconds_bucket{node=\"a\",le=\"0.01\"} 1\n",
+            "myriad_step_seconds_bucket{node=\"a\",le=\"0.5\"} 3\n",
+            "myriad_step_seconds_bucket{node=\"a\",le=\"2\"} 3\n",
+            "myriad_step_seconds_bucket{node=\"a\",le=\"+Inf\"} 4\n",
+            "myriad_step_seconds_sum{node=\"a\"} 9.7578125\n",
+            "myriad_step_seconds_count{node=\"a\"} 4\n",
         );
         assert_eq!(text, expected);
     }

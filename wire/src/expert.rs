@@ -8,7 +8,7 @@
 //!
 //! (Tensor layout in [`super::tensor`], routes in [`super::routes`].)
 
-use myriad_kernels::Routes;
+use crate::route_table::Routes;
 
 use super::WireError;
 use super::codec::Put;

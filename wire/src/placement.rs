@@ -5,7 +5,7 @@
 //! File format (JSON): `{"nodes": [{"name": "e0", "addr": "127.0.0.1:7100", "experts": "0-127"}, …]}`
 //! where `experts` uses the `ExpertSet` syntax (`all`, ids and inclusive ranges).
 
-use myriad_model::ExpertSet;
+use crate::expert_set::ExpertSet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 

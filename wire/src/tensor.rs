@@ -154,7 +154,7 @@ pub(crate) struct TensorFields {
 /// [`TensorFields`] under a field path given as a string literal.
 macro_rules! tensor_fields {
     ($path:literal) => {
-        $crate::wire::tensor::TensorFields {
+        $crate::tensor::TensorFields {
             dtype: concat!($path, ".dtype"),
             rows: concat!($path, ".rows"),
             cols: concat!($path, ".cols"),
