@@ -11,7 +11,7 @@
 //! | [`records`] | the JSON values stored under those keys |
 //! | [`view`] | [`ClusterView`]: one read of a cluster's state |
 //! | [`membership`] | [`Registration`]: a node's keys under a lease kept alive |
-//! | [`controller`] | [`Controller`]: initial placement, failover, drain, rebalance (make-before-break) |
+//! | [`controller`] | [`Controller`]: initial placement, failover, drain, rebalance (make-before-break); its decisions without I/O in [`controller::machine`] |
 //! | [`follower`] | the attention node's side: follow placements, report version and load |
 //! | [`expert_agent`] | the expert node's side: load what it is assigned, report what it holds |
 //! | [`testing`] | [`testing::EtcdServer`]: a real etcd process for tests |

@@ -5,10 +5,13 @@
 //!   contract and lives in `myriad-wire`; it is re-exported here.
 //! - [`plan`]: per layer step, which node serves each (token, expert) pair — one message per
 //!   destination, a token sent to each node once, replicas chosen by load (no I/O).
-//! - [`remote`]: [`RemoteExperts`], which sends the plan, waits with deadlines, fails over to
-//!   replicas and combines the nodes' partial sums in a fixed order.
+//! - [`dispatch`]: one layer step's decisions without I/O: rounds of plans, retries on
+//!   replicas, waits for a newer placement, the fixed-order combine.
+//! - [`remote`]: [`RemoteExperts`], the async shell that sends the rounds with deadlines,
+//!   feeds replies and placement changes back, and keeps node health across steps.
 //! - [`stats`]: calls, bytes against the wire minimum, round trips, failovers.
 
+pub mod dispatch;
 pub mod error;
 pub mod plan;
 pub mod remote;

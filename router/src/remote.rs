@@ -1,12 +1,13 @@
 //! [`RemoteExperts`]: the routed experts of a model served by expert nodes, behind the same
 //! `ExpertExecutor` contract the in-process shard implements.
 //!
-//! One layer step: the rows go to the host, [`crate::plan`] assigns every (row, expert) pair to
-//! a node, one request per destination node is sent concurrently, each under a deadline. A node
-//! that fails (unreachable, too slow, refuses) is marked down for a while and its pairs are
-//! planned again onto replicas; pairs already answered are kept. The result is the sum of the
-//! nodes' per-row partial sums taken in a fixed order — ascending node index, then attempt —
-//! so it never depends on which reply arrived first.
+//! One layer step: the rows go to the host, [`crate::dispatch::Dispatch`] (the step's decisions,
+//! without I/O) plans every (row, expert) pair onto a node, and this file's async shell sends
+//! one request per destination node concurrently, each under a deadline, and feeds the outcomes
+//! back. A node that fails (unreachable, too slow, refuses) is marked down for a while and its
+//! pairs are planned again onto replicas; pairs already answered are kept. The result is the
+//! sum of the nodes' per-row partial sums taken in a fixed order — attempt, then ascending node
+//! index — so it never depends on which reply arrived first.
 //!
 //! The placement is versioned: [`RemoteExperts::set_placement`] publishes a new one, which
 //! becomes active between steps (the engine brackets each step with `begin_step`/`end_step`),
@@ -31,8 +32,8 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::dispatch::{Dispatch, Health, NodeFailure, Route, Step};
 use crate::error::RouterError;
-use crate::plan::plan;
 use crate::stats::{Stats, StatsSnapshot};
 use myriad_wire::placement::Placement;
 
@@ -65,30 +66,6 @@ impl Default for RouterConfig {
             failover_wait: Duration::ZERO,
         }
     }
-}
-
-/// Why one node's part of a layer step failed.
-#[derive(Debug)]
-enum NodeFailure {
-    Transport(TransportError),
-    Refused(String),
-    Protocol(String),
-}
-
-impl std::fmt::Display for NodeFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NodeFailure::Transport(e) => write!(f, "{e}"),
-            NodeFailure::Refused(m) => write!(f, "refused: {m}"),
-            NodeFailure::Protocol(m) => write!(f, "protocol error: {m}"),
-        }
-    }
-}
-
-/// One placement version.
-struct Route {
-    version: u64,
-    placement: Placement,
 }
 
 /// When a published placement may become active.
@@ -541,6 +518,8 @@ impl<B: Backend> Inner<B> {
         }
     }
 
+    /// Drives one layer step's [`Dispatch`]: sends its rounds, feeds back replies, placement
+    /// changes and failover waits, and records node health and counters.
     async fn dispatch(
         self: Arc<Self>,
         layer: usize,
@@ -548,155 +527,112 @@ impl<B: Backend> Inner<B> {
         routes: Routes,
     ) -> Result<Vec<f32>, ExpertError> {
         let h = self.hidden;
-        let n = routes.rows();
-        let mut route = self.active();
-        let mut work_rows: Vec<usize> = (0..n).collect();
-        let mut work = routes;
-        // (attempt, node index in that attempt's placement, original rows, partial sums)
-        let mut partials: Vec<(usize, usize, Vec<usize>, Vec<f32>)> = Vec::new();
-        let mut failures: Vec<String> = Vec::new();
-        // Nodes (by name) that refused this step's requests: not asked again within it.
-        let mut excluded: Vec<String> = Vec::new();
         let failover_until = Instant::now() + self.config.failover_wait;
-        let mut attempt = 0;
-        let mut attempts_left = self.config.max_attempts.max(1);
-        while attempts_left > 0 {
-            let nodes = route.placement.nodes();
-            let usable: Vec<bool> = self
-                .usable(&route.placement)
-                .iter()
-                .zip(nodes)
-                .map(|(u, node)| *u && !excluded.contains(&node.name))
-                .collect();
-            let queued = self.queued(&route.placement);
-            let planned = match plan(&work, &route.placement, &usable, &queued) {
-                Ok(p) => p,
-                Err(crate::plan::PlanError::NoHolder { expert }) => {
-                    // The control plane may be reassigning a dead node's experts.
-                    if let Some(newer) = self.newer_route(route.version, failover_until).await {
-                        route = newer;
-                        excluded.clear();
-                        attempts_left = self.config.max_attempts.max(1);
-                        continue;
+        let mut d = Dispatch::new(layer, h, routes, self.active(), self.config.max_attempts);
+        let mut step = self.plan_round(&mut d);
+        loop {
+            step = match step {
+                Step::Done(result) => return result,
+                Step::Replan => {
+                    self.stats.record_failover();
+                    self.plan_round(&mut d)
+                }
+                Step::AwaitPlacement { newer_than } => {
+                    match self.newer_route(newer_than, failover_until).await {
+                        Some(route) => {
+                            d.on_placement(route);
+                            self.plan_round(&mut d)
+                        }
+                        None => d.on_no_placement(),
                     }
-                    return Err(ExpertError::Unavailable {
-                        layer,
-                        expert,
-                        reason: if failures.is_empty() {
-                            "no expert node that holds it is reachable".to_string()
-                        } else {
-                            format!("every node that holds it failed: {}", failures.join("; "))
-                        },
-                    });
+                }
+                Step::Send { row_visits } => {
+                    self.stats.record_plan(row_visits, h);
+                    self.send_round(layer, &x, &mut d).await?;
+                    let next = d.end_round();
+                    if matches!(next, Step::AwaitPlacement { .. }) {
+                        // The round failed over and used the last attempt.
+                        self.stats.record_failover();
+                    }
+                    next
                 }
             };
-            self.stats.record_plan(planned.row_visits(), h);
-            let mut set = JoinSet::new();
-            let mut batches = Vec::new();
-            let mut task_batch = HashMap::new();
-            for b in planned.batches {
-                let mut xs = Vec::with_capacity(b.rows.len() * h);
-                for &i in &b.rows {
-                    let r = work_rows[i];
-                    xs.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+    }
+
+    fn plan_round(&self, d: &mut Dispatch) -> Step {
+        let placement = &d.route().placement;
+        let usable = self.usable(placement);
+        let queued = self.queued(placement);
+        d.plan_round(&usable, &queued)
+    }
+
+    /// Sends every batch of the round and feeds each outcome to `d` as it arrives. A newer
+    /// placement that drops a node being waited on means the control plane found it dead (its
+    /// lease lapsed): that call is abandoned at once rather than at its deadline.
+    async fn send_round(
+        self: &Arc<Self>,
+        layer: usize,
+        x: &[f32],
+        d: &mut Dispatch,
+    ) -> Result<(), ExpertError> {
+        let h = self.hidden;
+        let mut set = JoinSet::new();
+        let mut tasks = Vec::new();
+        let mut task_batch = HashMap::new();
+        for (i, b) in d.round().iter().enumerate() {
+            let mut xs = Vec::with_capacity(b.rows.len() * h);
+            for &r in &b.rows {
+                xs.extend_from_slice(&x[r * h..(r + 1) * h]);
+            }
+            let queued = Queued::new(self.clone(), &b.name, b.routes.pairs());
+            let (name, addr, routes) = (b.name.clone(), b.addr.clone(), b.routes.clone());
+            let inner = self.clone();
+            let rows = b.rows.len();
+            let task = set.spawn(async move {
+                let r = inner.send(&name, &addr, layer, rows, xs, routes).await;
+                drop(queued);
+                r
+            });
+            task_batch.insert(task.id(), i);
+            tasks.push(task);
+        }
+        let mut newest = self.published.subscribe();
+        newest.borrow_and_update();
+        loop {
+            let (i, outcome) = tokio::select! {
+                done = set.join_next_with_id() => match done {
+                    None => return Ok(()),
+                    Some(Ok((id, r))) => (task_batch[&id], r),
+                    Some(Err(e)) if e.is_cancelled() => {
+                        let i = task_batch[&e.id()];
+                        let peer = d.round()[i].addr.clone();
+                        (i, Err(NodeFailure::Transport(TransportError::Closed {
+                            peer,
+                            reason: "the control plane removed the node (its lease lapsed)".into(),
+                        })))
+                    }
+                    Some(Err(e)) => {
+                        return Err(ExpertError::Remote {
+                            layer,
+                            reason: format!("dispatch task failed: {e}"),
+                        });
+                    }
+                },
+                Ok(()) = newest.changed() => {
+                    let now = newest.borrow_and_update().clone();
+                    for i in d.dropped_by(&now.placement) {
+                        tasks[i].abort();
+                    }
+                    continue;
                 }
-                let node = &nodes[b.node];
-                let queued = Queued::new(self.clone(), &node.name, b.routes.pairs());
-                let (name, addr, routes) = (node.name.clone(), node.addr.clone(), b.routes.clone());
-                let inner = self.clone();
-                let rows = b.rows.len();
-                let task = set.spawn(async move {
-                    let r = inner.send(&name, &addr, layer, rows, xs, routes).await;
-                    drop(queued);
-                    r
-                });
-                task_batch.insert(task.id(), batches.len());
-                batches.push((b, task));
-            }
-            let mut retry_rows = Vec::new();
-            let mut retry = Routes::new();
-            // A newer placement that drops a node we are waiting on means the control plane
-            // found it dead (its lease lapsed): stop waiting for it.
-            let mut newest = self.published.subscribe();
-            newest.borrow_and_update();
-            loop {
-                let (i, result) = tokio::select! {
-                    done = set.join_next_with_id() => match done {
-                        None => break,
-                        Some(Ok((id, r))) => (task_batch[&id], r),
-                        Some(Err(e)) if e.is_cancelled() => (
-                            task_batch[&e.id()],
-                            Err(NodeFailure::Transport(TransportError::Closed {
-                                peer: nodes[batches[task_batch[&e.id()]].0.node].addr.clone(),
-                                reason: "the control plane removed the node (its lease lapsed)"
-                                    .into(),
-                            })),
-                        ),
-                        Some(Err(e)) => {
-                            return Err(ExpertError::Remote {
-                                layer,
-                                reason: format!("dispatch task failed: {e}"),
-                            });
-                        }
-                    },
-                    Ok(()) = newest.changed() => {
-                        let now = newest.borrow_and_update().clone();
-                        for (b, task) in &batches {
-                            if now.placement.node(&nodes[b.node].name).is_none() {
-                                task.abort();
-                            }
-                        }
-                        continue;
-                    }
-                };
-                let b = &batches[i].0;
-                let node = &nodes[b.node];
-                match result {
-                    Ok(partial) => {
-                        self.mark_up(&node.name);
-                        partials.push((
-                            attempt,
-                            b.node,
-                            b.rows.iter().map(|&i| work_rows[i]).collect(),
-                            partial,
-                        ));
-                    }
-                    Err(f) => {
-                        failures.push(format!("{} ({}): {f}", node.name, node.addr));
-                        match f {
-                            NodeFailure::Transport(_) => self.mark_down(&node.name, &node.addr),
-                            NodeFailure::Refused(_) | NodeFailure::Protocol(_) => {
-                                excluded.push(node.name.clone())
-                            }
-                        }
-                        for (i, &row) in b.rows.iter().enumerate() {
-                            let (e, w) = b.routes.row(i);
-                            retry_rows.push(work_rows[row]);
-                            retry.push_row(e, w);
-                        }
-                    }
-                }
-            }
-            if retry_rows.is_empty() {
-                return Ok(combine(n, h, partials));
-            }
-            self.stats.record_failover();
-            work_rows = retry_rows;
-            work = retry;
-            attempt += 1;
-            attempts_left -= 1;
-            if attempts_left == 0
-                && let Some(newer) = self.newer_route(route.version, failover_until).await
-            {
-                route = newer;
-                excluded.clear();
-                attempts_left = self.config.max_attempts.max(1);
+            };
+            match d.on_reply(i, outcome) {
+                Health::Up { name } => self.mark_up(&name),
+                Health::Down { name, addr } => self.mark_down(&name, &addr),
+                Health::Unchanged => {}
             }
         }
-        Err(ExpertError::Remote {
-            layer,
-            reason: failures.join("; "),
-        })
     }
 }
 
@@ -723,27 +659,6 @@ impl<B: Backend> Drop for Queued<B> {
     fn drop(&mut self) {
         self.inner.add_queued(&self.node, -self.pairs);
     }
-}
-
-/// Sums partial results in (attempt, node) order into `[n, h]`.
-fn combine(
-    n: usize,
-    h: usize,
-    mut partials: Vec<(usize, usize, Vec<usize>, Vec<f32>)>,
-) -> Vec<f32> {
-    partials.sort_by_key(|(attempt, node, _, _)| (*attempt, *node));
-    let mut out = vec![0f32; n * h];
-    for (_, _, rows, p) in &partials {
-        for (i, &r) in rows.iter().enumerate() {
-            for (o, v) in out[r * h..(r + 1) * h]
-                .iter_mut()
-                .zip(&p[i * h..(i + 1) * h])
-            {
-                *o += v;
-            }
-        }
-    }
-    out
 }
 
 /// The message of an Error reply (or why it could not be read).

@@ -1,10 +1,12 @@
-//! QUIC with mutual TLS and with insecure dev certificates: calls succeed (sequential,
-//! concurrent, large), untrusted peers are refused, bad certificate files are named.
+//! What only QUIC's TLS does: with mutual TLS, calls to one address share one connection and
+//! untrusted peers are refused; insecure dev certificates work end to end; bad certificate
+//! files are named. What every transport does (calls of every size, limits, deadlines, nodes
+//! going away) is in `conformance.rs`, which runs it over mutual TLS.
 
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{handler, loopback, request, reversed, temp_dir, within};
 use myriad_transport::{
@@ -14,8 +16,8 @@ use myriad_transport::{
 const DEADLINE: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutual_tls_sequential_concurrent_and_large_calls() {
-    within(120, async {
+async fn mutual_tls_calls_to_one_address_share_one_connection() {
+    within(60, async {
         let dir = temp_dir("mtls");
         let pki = generate_pki(&dir, &["expert0", "attn"], "myriad-node").expect("pki");
         let server_tls = pki.config("expert0").expect("expert0");
@@ -28,34 +30,23 @@ async fn mutual_tls_sequential_concurrent_and_large_calls() {
             Arc::new(QuicConnector::new(&client_tls, QuicLimits::default()).expect("connector"));
 
         let conn = connector.connect(&addr).await.expect("connect");
-        assert_eq!(conn.peer(), addr);
-        for i in 0..100u32 {
+        for i in 0..10u32 {
             let payload = format!("request number {i}").into_bytes();
             let reply = conn.call(request(&payload), DEADLINE).await.expect("call");
             assert_eq!(reply.payload, reversed(&payload));
         }
-        // An empty payload is a frame too.
-        assert!(
-            conn.call(request(b""), DEADLINE)
-                .await
-                .expect("empty call")
-                .payload
-                .is_empty()
-        );
-
-        // Connections are reused per address.
+        // Dialling the address again gives the same connection…
         let again = connector.connect(&addr).await.expect("connect again");
         assert!(
             Arc::ptr_eq(&conn, &again),
             "the connector dialled a second connection"
         );
-
-        // 200 concurrent calls on one connection.
+        // …and concurrent calls share it.
         let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..200u32 {
-            let conn = conn.clone();
+        for i in 0..20u32 {
+            let conn = again.clone();
             tasks.spawn(async move {
-                let payload: Vec<u8> = (0..(i * 37 % 5000)).map(|j| (j * 7 + i) as u8).collect();
+                let payload = vec![i as u8; 100 * i as usize];
                 let reply = conn
                     .call(request(&payload), DEADLINE)
                     .await
@@ -66,62 +57,9 @@ async fn mutual_tls_sequential_concurrent_and_large_calls() {
         while let Some(done) = tasks.join_next().await {
             done.expect("task");
         }
-
-        // 8 MiB each way, a few at once.
-        let big: Vec<u8> = (0..8 << 20).map(|j: u32| (j % 251) as u8).collect();
-        let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..3 {
-            let (conn, big) = (conn.clone(), big.clone());
-            tasks.spawn(async move {
-                let reply = conn
-                    .call(request(&big), Duration::from_secs(60))
-                    .await
-                    .expect("8 MiB call");
-                assert_eq!(reply.payload.len(), big.len());
-                assert!(reply.payload.iter().eq(big.iter().rev()));
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            done.expect("task");
-        }
-        eprintln!("3 concurrent 8 MiB round trips: {:?}", started.elapsed());
         assert_eq!(server.stats().connections(), 1);
         assert_eq!(server.stats().bad_frames(), 0);
-        assert_eq!(server.stats().requests(), 100 + 1 + 200 + 3);
-
-        // Frames over the limit are refused locally, without hurting the connection.
-        let small = QuicConnector::new(
-            &client_tls,
-            QuicLimits {
-                max_frame: 1024,
-                ..QuicLimits::default()
-            },
-        )
-        .expect("connector");
-        let small_conn = small.connect(&addr).await.expect("connect");
-        match small_conn.call(request(&[0; 2048]), DEADLINE).await {
-            Err(e @ TransportError::FrameTooLarge { .. }) => assert!(!e.is_peer_failure()),
-            other => panic!("expected FrameTooLarge, got {other:?}"),
-        }
-        // …and a reply over the client's limit is a bad frame from the peer.
-        match small_conn.call(request(b"grow:4096"), DEADLINE).await {
-            Err(e @ TransportError::Wire { .. }) => {
-                assert!(e.is_peer_failure() && e.to_string().contains("4096"), "{e}")
-            }
-            other => panic!("expected a Wire error, got {other:?}"),
-        }
-        // Neither hurt the connection.
-        assert_eq!(
-            small_conn
-                .call(request(&[1; 1000]), DEADLINE)
-                .await
-                .expect("call")
-                .payload
-                .len(),
-            1000
-        );
-        assert!(!small_conn.is_closed());
+        assert_eq!(server.stats().requests(), 10 + 20);
         let _ = std::fs::remove_dir_all(&dir);
     })
     .await;

@@ -13,7 +13,7 @@
 //! 3. one expert node is killed (SIGKILL) and the time from the kill to the next completed
 //!    step is measured, beside the lease TTL that bounds how soon the controller can know.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use crate::device::Device;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use myriad_attention::SequenceState;
 use myriad_attention::sampling::argmax;
+use myriad_attention::{Engine, SequenceState};
 use myriad_control::records::{Request, encode};
 use myriad_control::testing::EtcdServer;
 use myriad_control::{ClusterView, EtcdStore, Keys, Store};
@@ -133,7 +133,6 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
         bail!("--nodes must be at least 2 (one is killed)");
     }
     let config = ModelConfig::from_dir(&dir)?;
-    let n = config.num_experts;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -143,11 +142,77 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
         .block_on(EtcdServer::start())
         .context("starting etcd (install Debian's etcd-server)")?;
     let endpoint = etcd.endpoint();
+    let nodes = start_uneven_expert_nodes(a, &dir, &endpoint, config.num_experts)?;
+    eprintln!(
+        "{} expert nodes registered with etcd at {endpoint}",
+        a.nodes
+    );
+    let engine = load_with(
+        &dir,
+        &a.runtime.options(),
+        &attention_cluster(a, &endpoint),
+        &TlsArgs {
+            insecure_dev_certs: true,
+            ..TlsArgs::default()
+        },
+    )?;
+    let router: Arc<RemoteExperts<Device>> = engine
+        .experts
+        .router
+        .clone()
+        .context("the cluster has a router")?;
+    let store: Arc<dyn Store> =
+        Arc::new(rt.block_on(EtcdStore::connect(std::slice::from_ref(&endpoint)))?);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let orchestration = Orchestration {
+        router: router.clone(),
+        store,
+        keys: Keys::new("bench"),
+        nodes: nodes.clone(),
+        handle: rt.handle().clone(),
+        measure: Duration::from_secs(a.measure_s),
+        extra_replicas: a.extra_replicas,
+        skip_failover: a.skip_failover,
+        lease_ttl: Duration::from_millis(a.lease_ttl_ms),
+        timeline: Mutex::new(Timeline::default()),
+    };
+    let orchestrate = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let result = orchestration.run();
+            done.store(true, Ordering::Release);
+            result.map(|()| {
+                orchestration
+                    .timeline
+                    .into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+            })
+        })
+    };
+    decode_until(&engine.engine, &config, a, &done)?;
+    let timeline = orchestrate
+        .join()
+        .map_err(|_| anyhow::anyhow!("the orchestration thread panicked"))??;
+    report(a, &dir, &timeline, &router)?;
+    drop(engine);
+    drop(nodes);
+    Ok(())
+}
+
+/// Expert-node processes registered with etcd at `endpoint`, uneven on purpose: node 0 holds
+/// half of the experts, the others share the rest.
+fn start_uneven_expert_nodes(
+    a: &ControlBenchArgs,
+    dir: &Path,
+    endpoint: &str,
+    n: usize,
+) -> Result<Vec<Arc<Mutex<ExpertProcess>>>> {
     let exe = std::env::current_exe().context("locating the myriad binary")?;
     let spec = ExpertProcessSpec {
         exe: &exe,
-        model: &dir,
-        etcd: &endpoint,
+        model: dir,
+        etcd: endpoint,
         cluster: "bench",
         lease_ttl_ms: a.lease_ttl_ms,
         threads: a.node_threads,
@@ -155,7 +220,6 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
         metrics: false,
         load_duty: a.load_duty,
     };
-    // Uneven on purpose: node 0 holds half of the experts, the others share the rest.
     let rest = a.nodes - 1;
     let mut nodes = Vec::new();
     for i in 0..a.nodes {
@@ -174,13 +238,14 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
             Some(&set),
         )?)));
     }
-    eprintln!(
-        "{} expert nodes registered with etcd at {endpoint}",
-        a.nodes
-    );
-    let cluster = ClusterArgs {
+    Ok(nodes)
+}
+
+/// This process's attention side: router, follower and controller on the etcd cluster.
+fn attention_cluster(a: &ControlBenchArgs, endpoint: &str) -> ClusterArgs {
+    ClusterArgs {
         control: ControlArgs {
-            etcd: vec![endpoint.clone()],
+            etcd: vec![endpoint.to_string()],
             cluster_name: "bench".into(),
             lease_ttl_ms: a.lease_ttl_ms,
         },
@@ -190,151 +255,160 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
         failover_wait_ms: 120_000,
         expert_deadline_ms: 5_000,
         ..ClusterArgs::default()
-    };
-    let tls = TlsArgs {
-        insecure_dev_certs: true,
-        ..TlsArgs::default()
-    };
-    let engine = load_with(&dir, &a.runtime.options(), &cluster, &tls)?;
-    let router: Arc<RemoteExperts<Device>> = engine
-        .experts
-        .router
-        .clone()
-        .context("the cluster has a router")?;
-    let store: Arc<dyn Store> =
-        Arc::new(rt.block_on(EtcdStore::connect(std::slice::from_ref(&endpoint)))?);
-    let keys = Keys::new("bench");
+    }
+}
 
-    let done = Arc::new(AtomicBool::new(false));
-    let timeline = Arc::new(Mutex::new(Timeline::default()));
-    let orchestrate = {
-        let (done, timeline, router, store, keys) = (
-            done.clone(),
-            timeline.clone(),
-            router.clone(),
-            store.clone(),
-            keys.clone(),
-        );
-        let nodes = nodes.clone();
-        let measure = Duration::from_secs(a.measure_s);
-        let (extra, skip_failover, ttl) = (
-            a.extra_replicas,
-            a.skip_failover,
-            Duration::from_millis(a.lease_ttl_ms),
-        );
-        let handle = rt.handle().clone();
-        std::thread::spawn(move || -> Result<()> {
-            let view = |what: &str| {
-                handle
-                    .block_on(ClusterView::read(&*store, &keys))
-                    .with_context(|| format!("reading the cluster ({what})"))
-            };
-            let names = |r: &RemoteExperts<Device>| -> Vec<String> {
-                r.placement()
-                    .nodes()
+/// The bench's script, run on its own thread while the main thread decodes: measure, request
+/// a rebalance and follow it to its cleanup, measure a quiet window, kill a node.
+struct Orchestration {
+    router: Arc<RemoteExperts<Device>>,
+    store: Arc<dyn Store>,
+    keys: Keys,
+    nodes: Vec<Arc<Mutex<ExpertProcess>>>,
+    handle: tokio::runtime::Handle,
+    measure: Duration,
+    extra_replicas: usize,
+    skip_failover: bool,
+    lease_ttl: Duration,
+    timeline: Mutex<Timeline>,
+}
+
+/// How long the bench waits for the rebalance and its cleanup.
+const REBALANCE_LIMIT: Duration = Duration::from_secs(600);
+
+impl Orchestration {
+    fn run(&self) -> Result<()> {
+        std::thread::sleep(Duration::from_secs(1));
+        let s0 = self.router.stats();
+        std::thread::sleep(self.measure);
+        let s1 = self.router.stats();
+        self.timeline().imbalance_before = measured_imbalance(&s0, &s1, &self.node_names());
+        let (asked, cleaned) = self.rebalance()?;
+        // The control window: as long as the rebalance took, with nothing happening, so the
+        // host's own step-time jitter is measured beside the rebalance's.
+        std::thread::sleep(Duration::from_millis(500));
+        let s2 = self.router.stats();
+        let window = self.measure.max(cleaned - asked);
+        let control_from = Instant::now();
+        std::thread::sleep(window);
+        let s3 = self.router.stats();
+        {
+            let mut t = self.timeline();
+            t.control = Some((control_from, Instant::now()));
+            t.imbalance_after = measured_imbalance(&s2, &s3, &self.node_names());
+        }
+        if !self.skip_failover {
+            self.kill_one()?;
+        }
+        self.timeline().versions = self
+            .view("end")?
+            .current
+            .iter()
+            .map(|c| c.version)
+            .collect();
+        Ok(())
+    }
+
+    /// Requests a rebalance and waits until its old copies are dropped: (asked, cleaned).
+    fn rebalance(&self) -> Result<(Instant, Instant)> {
+        let id = 1;
+        let req = Request {
+            id,
+            extra_replicas: Some(self.extra_replicas),
+        };
+        let v0 = self.router.placement_version();
+        let asked = Instant::now();
+        self.timeline().asked = Some(asked);
+        self.handle.block_on(
+            self.store
+                .put(&self.keys.rebalance_request(), encode(&req), None),
+        )?;
+        let deadline = asked + REBALANCE_LIMIT;
+        loop {
+            if self.router.placement_version() > v0 {
+                self.timeline().published.get_or_insert(Instant::now());
+            }
+            let v = self.view("rebalance")?;
+            if let Some(s) = v.status.as_ref().filter(|s| s.last_request == Some(id)) {
+                let mut t = self.timeline();
+                t.outcome = s.last_outcome.clone();
+                t.predicted_before = s.imbalance_before;
+                t.predicted_after = s.imbalance_after;
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the rebalance did not finish within {REBALANCE_LIMIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Until the old copies are dropped (every node holds exactly its new set).
+        loop {
+            let v = self.view("cleanup")?;
+            let clean = v.current.as_ref().is_some_and(|c| {
+                c.nodes
                     .iter()
-                    .map(|x| x.name.clone())
-                    .collect()
-            };
-            let result = (|| -> Result<()> {
-                std::thread::sleep(Duration::from_secs(1));
-                let s0 = router.stats();
-                std::thread::sleep(measure);
-                let s1 = router.stats();
-                timeline
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .imbalance_before = measured_imbalance(&s0, &s1, &names(&router));
-                let id = 1;
-                let req = Request {
-                    id,
-                    extra_replicas: Some(extra),
-                };
-                let v0 = router.placement_version();
-                timeline.lock().unwrap_or_else(|e| e.into_inner()).asked = Some(Instant::now());
-                handle.block_on(store.put(&keys.rebalance_request(), encode(&req), None))?;
-                let deadline = Instant::now() + Duration::from_secs(600);
-                loop {
-                    if router.placement_version() > v0 {
-                        let mut t = timeline.lock().unwrap_or_else(|e| e.into_inner());
-                        t.published.get_or_insert(Instant::now());
-                    }
-                    let v = view("rebalance")?;
-                    if let Some(s) = v.status.as_ref().filter(|s| s.last_request == Some(id)) {
-                        let mut t = timeline.lock().unwrap_or_else(|e| e.into_inner());
-                        t.outcome = s.last_outcome.clone();
-                        t.predicted_before = s.imbalance_before;
-                        t.predicted_after = s.imbalance_after;
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        bail!("the rebalance did not finish within 600 s");
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                // Until the old copies are dropped (every node holds exactly its new set).
-                loop {
-                    let v = view("cleanup")?;
-                    let clean = v.current.as_ref().is_some_and(|c| {
-                        c.nodes
-                            .iter()
-                            .all(|p| v.expert_node(&p.name).is_some_and(|r| r.held == p.experts))
-                    });
-                    if clean {
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        bail!("old copies were not dropped within 600 s");
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                let cleaned = Instant::now();
-                let asked = {
-                    let mut t = timeline.lock().unwrap_or_else(|e| e.into_inner());
-                    t.cleaned = Some(cleaned);
-                    t.asked.unwrap_or(cleaned)
-                };
-                // The control window: as long as the rebalance took, with nothing happening, so
-                // the host's own step-time jitter is measured beside the rebalance's.
-                std::thread::sleep(Duration::from_millis(500));
-                let s2 = router.stats();
-                let window = measure.max(cleaned - asked);
-                let control_from = Instant::now();
-                std::thread::sleep(window);
-                let s3 = router.stats();
-                timeline.lock().unwrap_or_else(|e| e.into_inner()).control =
-                    Some((control_from, Instant::now()));
-                timeline
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .imbalance_after = measured_imbalance(&s2, &s3, &names(&router));
-                if !skip_failover {
-                    let victim = 1;
-                    let v1 = router.placement_version();
-                    {
-                        let mut node = nodes[victim].lock().unwrap_or_else(|e| e.into_inner());
-                        node.kill();
-                        let mut t = timeline.lock().unwrap_or_else(|e| e.into_inner());
-                        t.killed = Some(Instant::now());
-                        t.killed_node = node.name.clone();
-                    }
-                    let limit = Instant::now() + ttl * 4 + Duration::from_secs(300);
-                    while router.placement_version() <= v1 && Instant::now() < limit {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    std::thread::sleep(Duration::from_secs(2));
-                }
-                timeline.lock().unwrap_or_else(|e| e.into_inner()).versions =
-                    view("end")?.current.iter().map(|c| c.version).collect();
-                Ok(())
-            })();
-            done.store(true, Ordering::Release);
-            result
-        })
-    };
+                    .all(|p| v.expert_node(&p.name).is_some_and(|r| r.held == p.experts))
+            });
+            if clean {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("old copies were not dropped within {REBALANCE_LIMIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let cleaned = Instant::now();
+        self.timeline().cleaned = Some(cleaned);
+        Ok((asked, cleaned))
+    }
 
-    // Decode without pause until the orchestration is done.
-    let model = engine.engine.model();
+    /// SIGKILLs expert node 1 and waits for the failover placement (bounded).
+    fn kill_one(&self) -> Result<()> {
+        let victim = 1;
+        let v1 = self.router.placement_version();
+        {
+            let mut node = self.nodes[victim].lock().unwrap_or_else(|e| e.into_inner());
+            node.kill();
+            let mut t = self.timeline();
+            t.killed = Some(Instant::now());
+            t.killed_node = node.name.clone();
+        }
+        let limit = Instant::now() + self.lease_ttl * 4 + Duration::from_secs(300);
+        while self.router.placement_version() <= v1 && Instant::now() < limit {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        Ok(())
+    }
+
+    fn view(&self, what: &str) -> Result<ClusterView> {
+        self.handle
+            .block_on(ClusterView::read(&*self.store, &self.keys))
+            .with_context(|| format!("reading the cluster ({what})"))
+    }
+
+    fn node_names(&self) -> Vec<String> {
+        self.router
+            .placement()
+            .nodes()
+            .iter()
+            .map(|x| x.name.clone())
+            .collect()
+    }
+
+    fn timeline(&self) -> std::sync::MutexGuard<'_, Timeline> {
+        self.timeline.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Decodes a batch greedily without pause until `done` (or the context runs out).
+fn decode_until(
+    engine: &Engine<Device>,
+    config: &ModelConfig,
+    a: &ControlBenchArgs,
+    done: &AtomicBool,
+) -> Result<()> {
+    let model = engine.model();
     let vocab = config.vocab_size;
     let bsz = a.batch.max(1);
     let mut seqs: Vec<SequenceState<Device>> = (0..bsz).map(|_| model.new_sequence()).collect();
@@ -346,7 +420,7 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
             len: a.prompt_len,
             past: 0,
         });
-        tokens.extend(prompt(&config, a.prompt_len, 1 + i as u64));
+        tokens.extend(prompt(config, a.prompt_len, 1 + i as u64));
     }
     let rows: Vec<usize> = spans.iter().map(|s| s.start + s.len - 1).collect();
     let mut refs: Vec<&mut SequenceState<Device>> = seqs.iter_mut().collect();
@@ -369,11 +443,18 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
         next = logits.chunks_exact(vocab).map(argmax).collect();
         past += 1;
     }
-    orchestrate
-        .join()
-        .map_err(|_| anyhow::anyhow!("the orchestration thread panicked"))??;
+    Ok(())
+}
 
-    let t = timeline.lock().unwrap_or_else(|e| e.into_inner());
+/// Step-time windows and figures from the router's step records, printed as text or JSON
+/// (and every step as CSV with `--steps-csv`).
+fn report(
+    a: &ControlBenchArgs,
+    dir: &Path,
+    t: &Timeline,
+    router: &RemoteExperts<Device>,
+) -> Result<()> {
+    let bsz = a.batch.max(1);
     let steps = router.recent_steps();
     let asked = t.asked.context("the rebalance was not requested")?;
     let cleaned = t.cleaned.context("the rebalance did not finish")?;
@@ -484,7 +565,5 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
             }
         }
     }
-    drop(engine);
-    drop(nodes);
     Ok(())
 }

@@ -1,177 +1,23 @@
-//! The server as a whole: its configuration ([`GatewayConfig`]), the state every handler shares
-//! ([`GatewayState`]: tokenizer, chat template, the engine behind [`Generate`], metrics), the
-//! routes ([`router`]) and the accept loop with graceful shutdown ([`serve`]). The small
-//! endpoints (`/v1/models`, `/health`, unknown paths) are answered here too.
+//! The server as a whole: the routes ([`router`]) over the shared [`GatewayState`], the accept
+//! loop with graceful shutdown ([`serve`]), the request-counting middleware and the small
+//! endpoints (`/v1/models`, `/health`, `/metrics`, unknown paths).
 
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
-use axum::http::{Method, Uri};
-use axum::middleware::from_fn_with_state;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
+use axum::http::{Method, Uri, header};
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use myriad_attention::Generate;
 use tokio::net::TcpListener;
 
 use super::error::ApiError;
-use super::logprobs::TokenBytes;
-use super::metrics::Metrics;
-use super::openai::{ModelCard, ModelList, unix_now};
-use super::{auth, chat, completions, metrics};
-use crate::{ChatTemplate, TemplateError, Tokenizer, TokenizerError};
-
-/// What the HTTP API is configured with.
-#[derive(Clone, Debug)]
-pub struct GatewayConfig {
-    /// The name clients use in `model` (and `/v1/models` lists).
-    pub model_name: String,
-    /// Further names accepted for the same model.
-    pub aliases: Vec<String>,
-    /// Accepted bearer tokens; empty: no authentication.
-    pub api_keys: Vec<String>,
-    /// Larger request bodies are refused with 413.
-    pub max_body_bytes: usize,
-    /// `max_tokens` of a chat request that names none. `None`: the rest of the context, as
-    /// vLLM does; a cap keeps such requests from reserving a whole context of KV cache at
-    /// admission.
-    pub default_max_tokens: Option<usize>,
-    /// Most choices (`n`) per request.
-    pub max_n: usize,
-    /// Most alternatives per position (`logprobs`, `top_logprobs`); vLLM's default is 20.
-    pub max_logprobs: usize,
-    /// Split `<think>…</think>` into `reasoning_content` (vLLM's `--reasoning-parser`).
-    pub reasoning: bool,
-    /// Parse `<tool_call>` blocks into `tool_calls` when a request offers tools.
-    pub tool_calls: bool,
-    /// Interval of SSE keep-alive comments while a stream waits for the engine; `None`: never.
-    pub keep_alive: Option<Duration>,
-}
-
-impl GatewayConfig {
-    pub fn new(model_name: impl Into<String>) -> Self {
-        GatewayConfig {
-            model_name: model_name.into(),
-            aliases: Vec::new(),
-            api_keys: Vec::new(),
-            // A 1M-token prompt is a few megabytes of text; JSON escaping can double it.
-            max_body_bytes: 32 << 20,
-            default_max_tokens: None,
-            max_n: 128,
-            max_logprobs: 20,
-            reasoning: true,
-            tool_calls: true,
-            keep_alive: Some(Duration::from_secs(15)),
-        }
-    }
-
-    /// Whether `name` names the served model.
-    pub fn serves(&self, name: &str) -> bool {
-        name == self.model_name || self.aliases.iter().any(|a| a == name)
-    }
-}
-
-/// Why the gateway could not be set up from a model directory.
-#[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
-    #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
-    #[error(transparent)]
-    Template(#[from] TemplateError),
-    #[error("cannot serve on {addr}: {source}")]
-    Bind {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the HTTP server failed: {0}")]
-    Serve(#[source] std::io::Error),
-}
-
-/// What every handler shares.
-pub struct GatewayState {
-    config: GatewayConfig,
-    tokenizer: Tokenizer,
-    /// `None` when the model has no chat template: chat requests are then refused.
-    template: Option<ChatTemplate>,
-    engine: Arc<dyn Generate>,
-    metrics: Metrics,
-    token_bytes: TokenBytes,
-    created: u64,
-}
-
-impl std::fmt::Debug for GatewayState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatewayState")
-            .field("config", &self.config)
-            .field("tokenizer", &self.tokenizer)
-            .field("has_template", &self.template.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl GatewayState {
-    pub fn new(
-        config: GatewayConfig,
-        tokenizer: Tokenizer,
-        template: Option<ChatTemplate>,
-        engine: Arc<dyn Generate>,
-    ) -> Self {
-        GatewayState {
-            token_bytes: TokenBytes::new(&tokenizer),
-            config,
-            tokenizer,
-            template,
-            engine,
-            metrics: Metrics::default(),
-            created: unix_now(),
-        }
-    }
-
-    /// Loads `tokenizer.json` / `tokenizer_config.json` and the chat template (if the model
-    /// has one) from a Hugging Face model directory.
-    pub fn from_model_dir(
-        config: GatewayConfig,
-        dir: &Path,
-        engine: Arc<dyn Generate>,
-    ) -> Result<Self, GatewayError> {
-        let tokenizer = Tokenizer::from_dir(dir)?;
-        let template = match ChatTemplate::from_dir(dir) {
-            Ok(t) => Some(t),
-            // A base model without a template still serves completions.
-            Err(TemplateError::Missing { .. }) => None,
-            Err(e) => return Err(e.into()),
-        };
-        Ok(Self::new(config, tokenizer, template, engine))
-    }
-
-    pub fn config(&self) -> &GatewayConfig {
-        &self.config
-    }
-
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
-    pub fn template(&self) -> Option<&ChatTemplate> {
-        self.template.as_ref()
-    }
-
-    pub fn engine(&self) -> &dyn Generate {
-        self.engine.as_ref()
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    pub(crate) fn token_bytes(&self) -> &TokenBytes {
-        &self.token_bytes
-    }
-}
+use super::metrics::{CONTENT_TYPE, endpoint_label};
+use super::openai::{ModelCard, ModelList};
+use super::state::{GatewayError, GatewayState};
+use super::{auth, chat, completions};
 
 /// All routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
 /// `GET /v1/models/{model}` (behind the API keys), `GET /health`, `GET /metrics`.
@@ -184,11 +30,11 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route_layer(from_fn_with_state(state.clone(), auth::require_key));
     Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(metrics::handle))
+        .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .layer(from_fn_with_state(state.clone(), metrics::count_requests))
+        .layer(DefaultBodyLimit::max(state.config().max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
 
@@ -220,29 +66,19 @@ pub async fn bind_and_serve(
     serve(listener, router(state), shutdown).await
 }
 
-/// Runs CPU-heavy request preparation (templating, tokenising long prompts) on the blocking
-/// pool, so it does not stall the async workers that move other requests' tokens.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))
-}
-
 fn card(state: &GatewayState, name: &str) -> ModelCard {
     ModelCard {
         id: name.to_string(),
         object: "model",
-        created: state.created,
+        created: state.created(),
         owned_by: "myriad",
-        root: state.config.model_name.clone(),
-        max_model_len: state.engine.max_context(),
+        root: state.config().model_name.clone(),
+        max_model_len: state.engine().max_context(),
     }
 }
 
 async fn models(State(state): State<Arc<GatewayState>>) -> Response {
-    let names = std::iter::once(&state.config.model_name).chain(&state.config.aliases);
+    let names = std::iter::once(&state.config().model_name).chain(&state.config().aliases);
     Json(ModelList {
         object: "list",
         data: names.map(|n| card(&state, n)).collect(),
@@ -251,7 +87,7 @@ async fn models(State(state): State<Arc<GatewayState>>) -> Response {
 }
 
 async fn model(State(state): State<Arc<GatewayState>>, UrlPath(name): UrlPath<String>) -> Response {
-    if state.config.serves(&name) {
+    if state.config().serves(&name) {
         Json(card(&state, &name)).into_response()
     } else {
         ApiError::model_not_found(&name).into_response()
@@ -265,4 +101,24 @@ async fn health() -> Response {
 
 async fn not_found(method: Method, uri: Uri) -> Response {
     ApiError::route_not_found(method.as_str(), uri.path()).into_response()
+}
+
+/// Middleware: counts every answered request by endpoint and status.
+async fn count_requests(
+    State(state): State<Arc<GatewayState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let endpoint = endpoint_label(request.uri().path());
+    let response = next.run(request).await;
+    state
+        .metrics()
+        .count_request(endpoint, response.status().as_u16());
+    response
+}
+
+/// `GET /metrics`.
+async fn metrics(State(state): State<Arc<GatewayState>>) -> Response {
+    let text = state.metrics().render(&state.engine().stats());
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }

@@ -9,8 +9,8 @@ use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::app::GatewayState;
 use super::error::ApiError;
+use super::state::GatewayState;
 
 /// Middleware on the `/v1` routes.
 pub(crate) async fn require_key(

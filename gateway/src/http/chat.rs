@@ -11,11 +11,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use myriad_attention::FinishReason;
 
-use super::app::{GatewayState, blocking};
 use super::chat_request::{ChatRequest, Prompt, render_prompt};
 use super::error::ApiError;
 use super::generation::{Finish, Generation, Step};
-use super::logprobs::Renderer;
 use super::openai::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs, ChatMessage,
     ChatTokenLogprob, FunctionOut, ToolCallDelta, ToolCallOut, Usage, random_id, unix_now,
@@ -23,6 +21,7 @@ use super::openai::{
 use super::params::{Common, Fields};
 use super::reasoning::ReasoningParser;
 use super::sse::{ChunkSink, SseStream};
+use super::state::{GatewayState, blocking};
 use super::tools::{ToolCall, ToolParser};
 
 /// `POST /v1/chat/completions`.
@@ -264,7 +263,10 @@ impl Output {
         if self.logprobs
             && let Some(lp) = logprobs
         {
-            let entry = Renderer::new(&self.state, self.req.return_tokens_as_token_ids).chat(lp);
+            let entry = self
+                .state
+                .renderer(self.req.return_tokens_as_token_ids)
+                .chat(lp);
             self.choices[i].logprobs.push(entry);
         }
         self.choices[i].completion_tokens += 1;

@@ -4,10 +4,10 @@
 
 use serde_json::{Map, Value};
 
-use super::app::GatewayState;
 use super::error::ApiError;
 use super::params::{Common, Fields, MaxTokens, type_error};
 use super::reasoning::prompt_opens_reasoning;
+use super::state::GatewayState;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 

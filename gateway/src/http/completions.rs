@@ -13,16 +13,15 @@ use axum::response::{IntoResponse, Response};
 use myriad_attention::PositionLogprobs;
 use serde_json::Value;
 
-use super::app::{GatewayState, blocking};
 use super::error::ApiError;
 use super::generation::{Generation, Step};
-use super::logprobs::Renderer;
 use super::openai::{
     ChunkUsage, Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, Usage,
     random_id, unix_now,
 };
 use super::params::{Common, Fields, MaxTokens, token_id, type_error};
 use super::sse::{ChunkSink, SseStream};
+use super::state::{GatewayState, blocking};
 
 /// OpenAI's default `max_tokens` for completions.
 const DEFAULT_MAX_TOKENS: usize = 16;
@@ -274,8 +273,7 @@ impl Output {
                     self.choices[i].completion_tokens += 1;
                     let mut lps = CompletionLogprobs::default();
                     if self.logprobs {
-                        let renderer =
-                            Renderer::new(&self.state, self.req.return_tokens_as_token_ids);
+                        let renderer = self.state.renderer(self.req.return_tokens_as_token_ids);
                         let offset = &mut self.choices[i].offset;
                         renderer.completion(&mut lps, offset, id, logprobs.as_ref());
                     }
@@ -303,7 +301,7 @@ impl Output {
         let prompt = &self.prompts[self.choices[i].prompt];
         let mut lps = CompletionLogprobs::default();
         if self.logprobs {
-            let renderer = Renderer::new(&self.state, self.req.return_tokens_as_token_ids);
+            let renderer = self.state.renderer(self.req.return_tokens_as_token_ids);
             let mut offset = 0;
             for (pos, &id) in prompt.ids.iter().enumerate() {
                 let lp = prompt_lps.get(pos).and_then(Option::as_ref);

@@ -17,8 +17,8 @@ use std::time::Instant;
 use myriad_attention::{Event, FinishReason, PositionLogprobs, Request, Submission};
 use serde_json::Value;
 
-use super::app::GatewayState;
 use super::error::ApiError;
+use super::state::GatewayState;
 use super::stop::StopMatcher;
 use crate::DecodeState;
 

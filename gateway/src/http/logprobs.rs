@@ -14,7 +14,6 @@ use myriad_attention::PositionLogprobs;
 use serde_json::{Map, Value};
 use tokenizers::decoders::DecoderWrapper;
 
-use super::app::GatewayState;
 use super::openai::{ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs};
 use crate::Tokenizer;
 
@@ -105,14 +104,6 @@ pub(crate) struct Renderer<'a> {
 }
 
 impl<'a> Renderer<'a> {
-    pub(crate) fn new(state: &'a GatewayState, as_ids: bool) -> Self {
-        Renderer {
-            tokenizer: state.tokenizer(),
-            bytes: state.token_bytes(),
-            as_ids,
-        }
-    }
-
     /// The token as text and its bytes.
     pub(crate) fn token(&self, id: u32) -> (String, Vec<u8>) {
         if self.as_ids {

@@ -3,22 +3,16 @@
 //! tokens in and out, time to first token, inter-token latency and request latency as
 //! histograms, requests in flight, and the engine's own counters from `Generate::stats()`.
 //!
-//! The request counter is a middleware around every route, so refusals that happen before a
-//! handler runs (401 from auth, 404 for unknown paths) are counted too.
+//! The request counter is a middleware around every route (in `app.rs`), so refusals that
+//! happen before a handler runs (401 from auth, 404 for unknown paths) are counted too.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::http::header;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 pub use myriad_metrics::CONTENT_TYPE;
 use myriad_metrics::{Histogram, MetricsText};
-
-use super::app::GatewayState;
 
 /// Paths reported by name; anything else is "other", so that scanners probing random URLs
 /// cannot grow the number of series without bound.
@@ -235,26 +229,6 @@ pub(crate) fn endpoint_label(path: &str) -> &'static str {
         return "/v1/models/{model}";
     }
     "other"
-}
-
-/// Middleware: counts every answered request by endpoint and status.
-pub(crate) async fn count_requests(
-    State(state): State<Arc<GatewayState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let endpoint = endpoint_label(request.uri().path());
-    let response = next.run(request).await;
-    state
-        .metrics()
-        .count_request(endpoint, response.status().as_u16());
-    response
-}
-
-/// `GET /metrics`.
-pub(crate) async fn handle(State(state): State<Arc<GatewayState>>) -> Response {
-    let text = state.metrics().render(&state.engine().stats());
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }
 
 #[cfg(test)]

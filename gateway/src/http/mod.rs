@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API (with vLLM's extensions), on axum.
 //!
-//! - [`app`]: [`GatewayConfig`], [`GatewayState`], the routes ([`router`]) and [`serve`].
+//! - `state`: [`GatewayConfig`] and [`GatewayState`], what every handler shares.
+//! - [`app`]: the routes ([`router`]), [`serve`] and the small endpoints.
 //! - `auth`: bearer API keys; `error`: the OpenAI error object and every status.
 //! - `params`: request fields and their validation; `openai`: the response types.
 //! - `chat` (with `chat_request`: parsing and the prompt), `completions`: the two generation
@@ -26,9 +27,11 @@ mod openai;
 mod params;
 mod reasoning;
 mod sse;
+mod state;
 mod stop;
 mod tools;
 
-pub use app::{GatewayConfig, GatewayError, GatewayState, bind_and_serve, router, serve};
+pub use app::{bind_and_serve, router, serve};
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use state::{GatewayConfig, GatewayError, GatewayState};

@@ -12,10 +12,10 @@ use axum::body::Bytes;
 use myriad_attention::{Request, SamplingParams};
 use serde_json::{Map, Value};
 
-use super::app::GatewayState;
 use super::error::ApiError;
 use super::generation::OutputRules;
 use super::openai::{ChunkUsage, Usage};
+use super::state::GatewayState;
 
 /// The top-level object of a request body.
 pub(crate) struct Fields {

@@ -1,12 +1,12 @@
-//! The proxy as a whole: the state its handlers share ([`ProxyState`]: configuration, node
-//! table, metrics), the routes ([`proxy_router`]), and the server with its health checks
-//! ([`serve_proxy`]). `/health` is answered here.
+//! The proxy as a whole: the routes ([`proxy_router`]) over the shared [`ProxyState`], and the
+//! server with its health checks ([`serve_proxy`]). `/health`, `/metrics` and the
+//! request-counting middleware are answered here.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -14,58 +14,14 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use super::config::{NodeUrl, ProxyConfig, ProxyError};
-use super::metrics::{self, ProxyMetrics};
-use super::nodes::Nodes;
+use myriad_metrics::CONTENT_TYPE;
+
+use super::state::ProxyState;
 use super::{forward, health};
 use crate::http::GatewayError;
 use crate::http::auth;
 use crate::http::error::ApiError;
-
-/// What every handler shares.
-#[derive(Debug)]
-pub struct ProxyState {
-    pub(crate) config: ProxyConfig,
-    pub(crate) nodes: Nodes,
-    pub(crate) metrics: ProxyMetrics,
-}
-
-impl ProxyState {
-    /// Checks the node URLs; every node starts out of rotation until a health check passes
-    /// ([`check_health`] runs one round).
-    pub fn new(config: ProxyConfig) -> Result<Self, ProxyError> {
-        if config.nodes.is_empty() {
-            return Err(ProxyError::NoNodes);
-        }
-        let mut urls: Vec<NodeUrl> = Vec::new();
-        for u in &config.nodes {
-            let url = NodeUrl::parse(u)?;
-            if urls.contains(&url) {
-                return Err(ProxyError::Duplicate(url.to_string()));
-            }
-            urls.push(url);
-        }
-        Ok(ProxyState {
-            nodes: Nodes::new(urls),
-            config,
-            metrics: ProxyMetrics::default(),
-        })
-    }
-
-    pub fn config(&self) -> &ProxyConfig {
-        &self.config
-    }
-
-    /// The nodes' URLs, in the order given.
-    pub fn node_urls(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.label.clone()).collect()
-    }
-
-    /// Nodes in rotation now.
-    pub fn healthy_nodes(&self) -> usize {
-        self.nodes.healthy_count()
-    }
-}
+use crate::http::metrics::endpoint_label;
 
 /// Every `/v1/…` route, proxied (behind the proxy's API keys), `GET /health` (the number of
 /// healthy nodes; 503 when none) and `GET /metrics`.
@@ -75,11 +31,11 @@ pub fn proxy_router(state: Arc<ProxyState>) -> Router {
         .route_layer(from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(metrics::handle))
+        .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .layer(from_fn_with_state(state.clone(), metrics::count_requests))
+        .layer(from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
 
@@ -128,4 +84,24 @@ async fn health(State(state): State<Arc<ProxyState>>) -> Response {
 
 async fn not_found(method: Method, uri: Uri) -> Response {
     ApiError::route_not_found(method.as_str(), uri.path()).into_response()
+}
+
+/// Middleware: counts every answered request by endpoint and status.
+async fn count_requests(
+    State(state): State<Arc<ProxyState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let endpoint = endpoint_label(request.uri().path());
+    let response = next.run(request).await;
+    state
+        .metrics
+        .count_request(endpoint, response.status().as_u16());
+    response
+}
+
+/// `GET /metrics`.
+async fn metrics(State(state): State<Arc<ProxyState>>) -> Response {
+    let text = state.metrics.render(&state.nodes);
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }

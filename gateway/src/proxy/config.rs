@@ -68,49 +68,33 @@ impl NodeUrl {
             url: url.to_string(),
             reason: reason.to_string(),
         };
-        let rest = url.trim().strip_prefix("http://").ok_or_else(|| {
-            bad("expected http://host:port (the proxy speaks plain HTTP to the nodes)")
-        })?;
-        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        if authority.contains('@') {
+        // The `http` crate parses the URI (authority, IPv6 brackets, port range); what is
+        // checked here is only what a node URL may be.
+        let uri: hyper::Uri = url
+            .trim()
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(bad(
+                "expected http://host:port (the proxy speaks plain HTTP to the nodes)",
+            ));
+        }
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        if authority.as_str().contains('@') {
             return Err(bad("user information in the URL is not supported"));
         }
-        if path.contains(['?', '#']) {
+        if uri.query().is_some() {
             return Err(bad("a node URL takes no query or fragment"));
         }
-        let (host, port) = match authority.strip_prefix('[') {
-            Some(v6) => {
-                let (host, after) = v6
-                    .split_once(']')
-                    .ok_or_else(|| bad("unclosed '[' in the host"))?;
-                match after {
-                    "" => (host, None),
-                    p => (
-                        host,
-                        Some(
-                            p.strip_prefix(':')
-                                .ok_or_else(|| bad("expected ':' after ']'"))?,
-                        ),
-                    ),
-                }
-            }
-            None => match authority.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
-            },
-        };
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         if host.is_empty() {
             return Err(bad("no host"));
         }
-        let port = match port {
-            None => 80,
-            Some(p) => p
-                .parse::<u16>()
-                .ok()
-                .filter(|&p| p != 0)
-                .ok_or_else(|| bad(&format!("bad port {p:?}")))?,
-        };
-        let mut prefix = path.trim_end_matches('/');
+        let port = port_of(authority).ok_or_else(|| bad("bad port"))?;
+        let mut prefix = uri.path().trim_end_matches('/');
         if let Some(p) = prefix.strip_suffix("/v1") {
             prefix = p;
         }
@@ -141,6 +125,16 @@ impl NodeUrl {
     /// The request target on this node for `path_and_query` (which starts with `/`).
     pub fn target(&self, path_and_query: &str) -> String {
         format!("{}{path_and_query}", self.prefix)
+    }
+}
+
+/// The authority's port: 80 when none is written, `None` when it is not a number in 1-65535
+/// (the `http` crate accepts any text there).
+fn port_of(authority: &hyper::http::uri::Authority) -> Option<u16> {
+    let written = &authority.as_str()[authority.host().len()..];
+    match written.strip_prefix(':') {
+        None => Some(80),
+        Some(p) => p.parse::<u16>().ok().filter(|&p| p != 0),
     }
 }
 

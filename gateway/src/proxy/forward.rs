@@ -18,9 +18,9 @@ use axum::response::{IntoResponse, Response};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::app::ProxyState;
 use super::client::{self, Connection};
 use super::nodes::InFlight;
+use super::state::ProxyState;
 use crate::http::error::ApiError;
 
 /// Most of a 503 body kept, to pass on when no other node takes the request.

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::app::ProxyState;
 use super::client;
+use super::state::ProxyState;
 
 /// One round: every node checked, concurrently; returns when all have answered or timed out.
 pub(crate) async fn check_all(state: &Arc<ProxyState>) {

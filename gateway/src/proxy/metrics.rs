@@ -1,23 +1,16 @@
-//! The proxy's Prometheus metrics and `GET /metrics` (text format 0.0.4): requests answered by
+//! The proxy's Prometheus metrics (text format 0.0.4; `app.rs` serves them): requests answered by
 //! endpoint and status; per attention node: requests sent by the node's status (`error` when
 //! no response head came back), requests in flight, health (`1` in rotation), failed health
 //! checks; retries on another node; healthy nodes.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::{Request, State};
-use axum::http::header;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use myriad_metrics::MetricsText;
 
-use super::app::ProxyState;
 use super::nodes::{Node, Nodes};
-use myriad_metrics::{CONTENT_TYPE, MetricsText};
-
-use crate::http::metrics::{endpoint_label, requests_family};
+use crate::http::metrics::requests_family;
 
 /// Everything the proxy counts beside the node table's own gauges.
 #[derive(Debug, Default)]
@@ -30,7 +23,7 @@ pub(crate) struct ProxyMetrics {
 }
 
 impl ProxyMetrics {
-    fn count_request(&self, endpoint: &'static str, status: u16) {
+    pub(crate) fn count_request(&self, endpoint: &'static str, status: u16) {
         let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         *map.entry((endpoint, status)).or_default() += 1;
     }
@@ -112,26 +105,6 @@ impl ProxyMetrics {
 
 /// One per-node sample's value.
 type NodeValue = fn(&Node) -> u64;
-
-/// Middleware: counts every answered request by endpoint and status.
-pub(crate) async fn count_requests(
-    State(state): State<Arc<ProxyState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let endpoint = endpoint_label(request.uri().path());
-    let response = next.run(request).await;
-    state
-        .metrics
-        .count_request(endpoint, response.status().as_u16());
-    response
-}
-
-/// `GET /metrics`.
-pub(crate) async fn handle(State(state): State<Arc<ProxyState>>) -> Response {
-    let text = state.metrics.render(&state.nodes);
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
-}
 
 #[cfg(test)]
 mod tests {

@@ -20,7 +20,8 @@
 //! - `forward`: the proxying handler and the body that relays a response.
 //! - `health`: the background health checks (`GET /health` on every node).
 //! - `metrics`: Prometheus `/metrics` (text format 0.0.4).
-//! - `app` (this file's re-exports): [`ProxyState`], [`proxy_router`], [`serve_proxy`].
+//! - `state`: [`ProxyState`], what every handler shares.
+//! - `app`: [`proxy_router`], [`serve_proxy`], `/health`, `/metrics`.
 
 mod app;
 mod client;
@@ -29,6 +30,8 @@ mod forward;
 mod health;
 mod metrics;
 mod nodes;
+mod state;
 
-pub use app::{ProxyState, check_health, proxy_router, serve_proxy};
+pub use app::{check_health, proxy_router, serve_proxy};
 pub use config::{NodeUrl, ProxyConfig, ProxyError};
+pub use state::ProxyState;
