@@ -31,6 +31,9 @@ never myriad-wire "${all_ours[@]}" tokio rayon
 # Transports move frames: no kernels, model code or weights (NCCL only behind its feature).
 never myriad-transport myriad-kernels myriad-model myriad-router myriad-expert \
   myriad-attention myriad-control rayon safetensors cudarc
+# The router dispatches host rows: no compute backend, no model code or weights.
+never myriad-router myriad-kernels myriad-model myriad-expert myriad-attention myriad-control \
+  rayon safetensors cudarc
 # The control plane sits beside the data plane: store, records, controller, EPLB.
 never myriad-control myriad-kernels myriad-model myriad-router myriad-expert \
   myriad-attention myriad-transport myriad-gateway myriad-metrics rayon safetensors quinn \

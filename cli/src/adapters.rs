@@ -1,7 +1,10 @@
-//! Where the control plane meets the data plane: its two traits implemented for the data
-//! plane's types, here in the composition so that neither side depends on the other.
+//! Where the roles' contracts meet, here in the composition so that no side depends on the
+//! other: the control plane's two traits implemented for the data plane's types, and the
+//! model's expert contract for the router, which works on host rows and knows no backend.
 //!
-//! - [`RouterSink`]: `PlacementSink` for the attention node's router ([`RemoteExperts`]).
+//! - [`RemoteExecutor`]: `ExpertExecutor` over the router ([`RemoteExperts`]): tensors to the
+//!   host before a layer step's dispatch and back after it.
+//! - [`RouterSink`]: `PlacementSink` for the router.
 //! - [`PacedShard`]: `ExpertHolder` for an expert node's shard ([`ExpertShard`]), with
 //!   non-urgent loads paced and run at the lowest CPU priority.
 
@@ -10,16 +13,113 @@ use std::sync::Arc;
 use myriad_control::expert_agent::ExpertHolder;
 use myriad_control::follower::PlacementSink;
 use myriad_expert::ExpertShard;
-use myriad_kernels::Backend;
-use myriad_router::{Placement, RemoteExperts};
+use myriad_kernels::{Backend, Routes};
+use myriad_model::moe::{ExpertError, ExpertExecutor, ExpertTicket};
+use myriad_router::{Pending, Placement, RemoteExperts, StepError};
 use myriad_wire::ExpertSet;
 use tokio::sync::watch;
 
+/// The router as the engine sees it: the routed experts of every MoE layer.
+pub struct RemoteExecutor<B: Backend> {
+    pub router: Arc<RemoteExperts>,
+    pub backend: Arc<B>,
+}
+
+/// The same failure in the model's words (the messages are the same).
+fn expert_error(e: StepError) -> ExpertError {
+    match e {
+        StepError::NoSuchLayer { layer, layers } => ExpertError::NoSuchLayer { layer, layers },
+        StepError::Unavailable {
+            layer,
+            expert,
+            reason,
+        } => ExpertError::Unavailable {
+            layer,
+            expert,
+            reason,
+        },
+        StepError::Remote { layer, reason } => ExpertError::Remote { layer, reason },
+    }
+}
+
+/// A layer step in flight: its host result is uploaded when it is waited for.
+struct RemoteTicket<B: Backend> {
+    pending: Pending,
+    backend: Arc<B>,
+    rows: usize,
+    hidden: usize,
+}
+
+impl<B: Backend> ExpertTicket<B> for RemoteTicket<B> {
+    fn wait(self: Box<Self>) -> Result<B::Tensor, ExpertError> {
+        let data = self.pending.wait().map_err(expert_error)?;
+        Ok(self.backend.upload(self.rows, self.hidden, &data)?)
+    }
+}
+
+impl<B: Backend> ExpertExecutor<B> for RemoteExecutor<B> {
+    fn begin_step(&self) {
+        self.router.begin_step();
+    }
+
+    fn end_step(&self) {
+        self.router.end_step();
+    }
+
+    fn run(
+        &self,
+        layer: usize,
+        x: &B::Tensor,
+        routes: &Routes,
+        out: &mut B::Tensor,
+    ) -> Result<(), ExpertError> {
+        let (rows, _) = self.backend.shape(x);
+        let ticket = self.submit(
+            layer,
+            x,
+            routes,
+            self.backend.zeros(rows, self.router.hidden()),
+        )?;
+        *out = ticket.wait()?;
+        Ok(())
+    }
+
+    fn submit(
+        &self,
+        layer: usize,
+        x: &B::Tensor,
+        routes: &Routes,
+        _out: B::Tensor,
+    ) -> Result<Box<dyn ExpertTicket<B>>, ExpertError> {
+        let (rows, cols) = self.backend.shape(x);
+        let hidden = self.router.hidden();
+        if cols != hidden || routes.rows() != rows {
+            return Err(ExpertError::Remote {
+                layer,
+                reason: format!(
+                    "{rows}x{cols} hidden rows with {} routed rows for a model of width {hidden}",
+                    routes.rows()
+                ),
+            });
+        }
+        let pending = self
+            .router
+            .submit(layer, self.backend.download(x), routes)
+            .map_err(expert_error)?;
+        Ok(Box::new(RemoteTicket {
+            pending,
+            backend: self.backend.clone(),
+            rows,
+            hidden,
+        }))
+    }
+}
+
 /// The router as the follower sees it: placements go in, the version in use and per-expert
 /// token counts come out.
-pub struct RouterSink<B: Backend>(pub Arc<RemoteExperts<B>>);
+pub struct RouterSink(pub Arc<RemoteExperts>);
 
-impl<B: Backend> PlacementSink for RouterSink<B> {
+impl PlacementSink for RouterSink {
     fn set_placement(&self, version: u64, placement: Placement) -> Result<(), String> {
         self.0
             .set_placement(version, placement)

@@ -175,7 +175,7 @@ impl ClusterArgs {
 pub struct ExpertsHandle {
     pub executor: Arc<dyn ExpertExecutor<Device>>,
     /// The router, when experts are on nodes (for statistics).
-    pub router: Option<Arc<RemoteExperts<Device>>>,
+    pub router: Option<Arc<RemoteExperts>>,
     /// The in-process network, when nodes run inside this process (tests stop nodes with it).
     pub network: Option<LocalNetwork>,
     /// Bytes one routed expert occupies (what a token routed to it reads).
@@ -259,7 +259,7 @@ pub fn experts(
                 .context("starting the QUIC client")?;
             (Arc::new(connector), None, routed_expert_bytes(config, ckpt))
         };
-    let (router, acks) = connect_router(
+    let (router, executor, acks) = connect_router(
         backend,
         config,
         cluster,
@@ -278,7 +278,7 @@ pub fn experts(
         );
     }
     Ok(ExpertsHandle {
-        executor: router.clone(),
+        executor,
         router: Some(router),
         network,
         expert_bytes,
@@ -381,7 +381,15 @@ impl Drop for InProcessExperts {
     }
 }
 
-/// A router over `placement` (at `version`) that has shaken hands with every node.
+/// The router, the engine's executor over it, and the nodes' handshake answers.
+type ConnectedRouter = (
+    Arc<RemoteExperts>,
+    Arc<dyn ExpertExecutor<Device>>,
+    Vec<myriad_wire::HelloAck>,
+);
+
+/// A router over `placement` (at `version`) that has shaken hands with every node, and the
+/// engine's executor over it on `backend`.
 fn connect_router(
     backend: &Arc<Device>,
     config: &ModelConfig,
@@ -391,9 +399,8 @@ fn connect_router(
     placement: Placement,
     connector: Arc<dyn Connector>,
     client: &str,
-) -> Result<(Arc<RemoteExperts<Device>>, Vec<myriad_wire::HelloAck>)> {
+) -> Result<ConnectedRouter> {
     let router = Arc::new(RemoteExperts::with_version(
-        backend.clone(),
         version,
         placement,
         connector,
@@ -405,7 +412,11 @@ fn connect_router(
     let acks = router
         .handshake(client, config.fingerprint())
         .context("connecting to the expert nodes")?;
-    Ok((router, acks))
+    let executor = Arc::new(crate::adapters::RemoteExecutor {
+        router: router.clone(),
+        backend: backend.clone(),
+    });
+    Ok((router, executor, acks))
 }
 
 /// Bytes one routed expert of one layer occupies in the checkpoint's dtype.
@@ -486,7 +497,7 @@ fn controlled_experts(
             )
         }
     };
-    let (router, acks) = connect_router(
+    let (router, executor, acks) = connect_router(
         backend,
         config,
         cluster,
@@ -514,7 +525,7 @@ fn controlled_experts(
         )?);
     }
     Ok(ExpertsHandle {
-        executor: router.clone(),
+        executor,
         router: Some(router),
         network: None,
         expert_bytes: routed_expert_bytes(config, ckpt),

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::device::Device;
 use anyhow::{Context, Result};
 use clap::Args;
 use myriad_control::follower::{FollowerConfig, PlacementSink, follow, wait_for_placement};
@@ -157,7 +156,7 @@ pub fn start_attention(
 
 impl AttentionControl {
     /// Starts following placements into `router` and reporting version and load.
-    pub fn follow(&mut self, router: Arc<RemoteExperts<Device>>, config: FollowerConfig) {
+    pub fn follow(&mut self, router: Arc<RemoteExperts>, config: FollowerConfig) {
         let Some(registration) = self.registration.clone() else {
             return;
         };

@@ -22,7 +22,7 @@ pub fn serve_attention_metrics(
     runtime: &tokio::runtime::Runtime,
     addr: SocketAddr,
     name: &str,
-    router: Arc<RemoteExperts<Device>>,
+    router: Arc<RemoteExperts>,
     control: &AttentionControl,
     per_layer: bool,
 ) -> Result<SocketAddr> {
@@ -55,7 +55,7 @@ pub fn serve_attention_metrics(
 /// One scrape of an attention node.
 pub fn attention_text(
     node: &str,
-    router: &RemoteExperts<Device>,
+    router: &RemoteExperts,
     status: &ControllerStatus,
     per_layer: bool,
 ) -> String {

@@ -18,7 +18,6 @@ use myriad_attention::Completion;
 use myriad_control::records::{Request as ControlRequest, encode};
 use myriad_control::testing::EtcdServer;
 use myriad_control::{ClusterView, EtcdStore, Keys, Store};
-use myriad_kernels::cpu::CpuBackend;
 use myriad_router::RemoteExperts;
 use serde_json::Value;
 
@@ -150,7 +149,7 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn router(engine: &LocalEngine) -> Arc<RemoteExperts<CpuBackend>> {
+fn router(engine: &LocalEngine) -> Arc<RemoteExperts> {
     engine.experts.router.clone().unwrap()
 }
 

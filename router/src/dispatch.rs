@@ -12,10 +12,10 @@
 
 use std::sync::Arc;
 
-use myriad_model::moe::ExpertError;
 use myriad_transport::TransportError;
 use myriad_wire::{Placement, Routes};
 
+use crate::error::StepError;
 use crate::plan::{PlanError, plan};
 
 /// One placement version.
@@ -71,7 +71,7 @@ pub enum Step {
     /// Plan again (a round failed over; call [`Dispatch::plan_round`]).
     Replan,
     /// The step's result: the routed output, `[rows × hidden]`, or why it failed.
-    Done(Result<Vec<f32>, ExpertError>),
+    Done(Result<Vec<f32>, StepError>),
 }
 
 /// What a reply says about a node's health, for the driver's records across steps.
@@ -275,7 +275,7 @@ impl Dispatch {
     pub fn on_no_placement(&mut self) -> Step {
         let layer = self.layer;
         Step::Done(Err(match self.waiting.take() {
-            Some(Waiting::NoHolder { expert }) => ExpertError::Unavailable {
+            Some(Waiting::NoHolder { expert }) => StepError::Unavailable {
                 layer,
                 expert,
                 reason: if self.failures.is_empty() {
@@ -287,7 +287,7 @@ impl Dispatch {
                     )
                 },
             },
-            Some(Waiting::Exhausted) | None => ExpertError::Remote {
+            Some(Waiting::Exhausted) | None => StepError::Remote {
                 layer,
                 reason: self.failures.join("; "),
             },

@@ -17,7 +17,7 @@ pub mod plan;
 pub mod remote;
 pub mod stats;
 
-pub use error::RouterError;
+pub use error::{RouterError, StepError};
 pub use myriad_wire::{NodeSpec, Placement, PlacementError};
-pub use remote::{RemoteExperts, RouterConfig, StepRecord};
+pub use remote::{Pending, RemoteExperts, RouterConfig, StepRecord};
 pub use stats::{NodeStats, StatsSnapshot};

@@ -5,7 +5,7 @@
 //! there); otherwise to the least-loaded usable replica (load: pairs already queued at the node
 //! plus pairs this plan gives it; ties go to the lower node index, so plans are deterministic).
 
-use myriad_kernels::Routes;
+use myriad_wire::Routes;
 use thiserror::Error;
 
 use myriad_wire::placement::Placement;
@@ -125,7 +125,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use myriad_model::ExpertSet;
+    use myriad_wire::ExpertSet;
 
     use myriad_wire::placement::NodeSpec;
 

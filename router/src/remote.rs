@@ -1,5 +1,7 @@
-//! [`RemoteExperts`]: the routed experts of a model served by expert nodes, behind the same
-//! `ExpertExecutor` contract the in-process shard implements.
+//! [`RemoteExperts`]: the routed experts of a model served by expert nodes. It works on host
+//! rows (`f32`, `[rows × hidden]`) and knows no compute backend: the attention side wraps it
+//! in its `ExpertExecutor` contract (`cli/src/adapters.rs`), moving tensors to and from the
+//! host around [`RemoteExperts::submit`].
 //!
 //! One layer step: the rows go to the host, [`crate::dispatch::Dispatch`] (the step's decisions,
 //! without I/O) plans every (row, expert) pair onto a node, and this file's async shell sends
@@ -21,19 +23,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use myriad_kernels::{Backend, Routes};
-use myriad_model::moe::{ExpertError, ExpertExecutor, ExpertTicket};
 use myriad_transport::{Connection, Connector, Frame, TransportError};
 use myriad_wire::{
     ErrorReply, ExpertRequest, ExpertResponse, FrameKind, HEADER_LEN, Hello, HelloAck, Limits,
-    Message, TensorDtype, WireTensor,
+    Message, Routes, TensorDtype, WireTensor,
 };
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::dispatch::{Dispatch, Health, NodeFailure, Route, Step};
-use crate::error::RouterError;
+use crate::error::{RouterError, StepError};
 use crate::stats::{Stats, StatsSnapshot};
 use myriad_wire::placement::Placement;
 
@@ -89,8 +89,7 @@ pub struct StepRecord {
 /// Steps remembered for [`RemoteExperts::recent_steps`].
 const RECENT_STEPS: usize = 4096;
 
-struct Inner<B: Backend> {
-    backend: Arc<B>,
+struct Inner {
     connector: Arc<dyn Connector>,
     /// The placement steps use; changes only between steps.
     active: RwLock<Arc<Route>>,
@@ -117,16 +116,15 @@ struct Inner<B: Backend> {
 }
 
 /// Routed experts on expert nodes.
-pub struct RemoteExperts<B: Backend> {
-    inner: Arc<Inner<B>>,
+pub struct RemoteExperts {
+    inner: Arc<Inner>,
     runtime: Handle,
 }
 
-impl<B: Backend> RemoteExperts<B> {
+impl RemoteExperts {
     /// A router over `placement` (version 0), dialling with `connector` and running its I/O on
     /// `runtime`. `hidden` and `layers` are the model's (checked against every reply).
     pub fn new(
-        backend: Arc<B>,
         placement: Placement,
         connector: Arc<dyn Connector>,
         runtime: Handle,
@@ -134,14 +132,11 @@ impl<B: Backend> RemoteExperts<B> {
         layers: usize,
         config: RouterConfig,
     ) -> Self {
-        Self::with_version(
-            backend, 0, placement, connector, runtime, hidden, layers, config,
-        )
+        Self::with_version(0, placement, connector, runtime, hidden, layers, config)
     }
 
     /// As [`Self::new`], starting at placement `version`.
     pub fn with_version(
-        backend: Arc<B>,
         version: u64,
         placement: Placement,
         connector: Arc<dyn Connector>,
@@ -153,7 +148,6 @@ impl<B: Backend> RemoteExperts<B> {
         let experts = placement.num_experts();
         let route = Arc::new(Route { version, placement });
         let inner = Inner {
-            backend,
             connector,
             active: RwLock::new(route.clone()),
             switch: Mutex::new(Switch {
@@ -320,7 +314,7 @@ impl<B: Backend> RemoteExperts<B> {
     }
 }
 
-impl<B: Backend> Inner<B> {
+impl Inner {
     fn active(&self) -> Arc<Route> {
         self.active
             .read()
@@ -525,7 +519,7 @@ impl<B: Backend> Inner<B> {
         layer: usize,
         x: Vec<f32>,
         routes: Routes,
-    ) -> Result<Vec<f32>, ExpertError> {
+    ) -> Result<Vec<f32>, StepError> {
         let h = self.hidden;
         let failover_until = Instant::now() + self.config.failover_wait;
         let mut d = Dispatch::new(layer, h, routes, self.active(), self.config.max_attempts);
@@ -575,7 +569,7 @@ impl<B: Backend> Inner<B> {
         layer: usize,
         x: &[f32],
         d: &mut Dispatch,
-    ) -> Result<(), ExpertError> {
+    ) -> Result<(), StepError> {
         let h = self.hidden;
         let mut set = JoinSet::new();
         let mut tasks = Vec::new();
@@ -613,7 +607,7 @@ impl<B: Backend> Inner<B> {
                         })))
                     }
                     Some(Err(e)) => {
-                        return Err(ExpertError::Remote {
+                        return Err(StepError::Remote {
                             layer,
                             reason: format!("dispatch task failed: {e}"),
                         });
@@ -637,14 +631,14 @@ impl<B: Backend> Inner<B> {
 }
 
 /// Pairs in flight to one node, counted while the request lives (however it ends).
-struct Queued<B: Backend> {
-    inner: Arc<Inner<B>>,
+struct Queued {
+    inner: Arc<Inner>,
     node: String,
     pairs: isize,
 }
 
-impl<B: Backend> Queued<B> {
-    fn new(inner: Arc<Inner<B>>, node: &str, pairs: usize) -> Self {
+impl Queued {
+    fn new(inner: Arc<Inner>, node: &str, pairs: usize) -> Self {
         let pairs = pairs as isize;
         inner.add_queued(node, pairs);
         Queued {
@@ -655,7 +649,7 @@ impl<B: Backend> Queued<B> {
     }
 }
 
-impl<B: Backend> Drop for Queued<B> {
+impl Drop for Queued {
     fn drop(&mut self) {
         self.inner.add_queued(&self.node, -self.pairs);
     }
@@ -673,81 +667,61 @@ fn reply_error(reply: &Frame, limits: &Limits) -> String {
 }
 
 /// A layer step in flight on the expert nodes.
-struct RemoteTicket<B: Backend> {
-    task: tokio::task::JoinHandle<Result<Vec<f32>, ExpertError>>,
+pub struct Pending {
+    task: tokio::task::JoinHandle<Result<Vec<f32>, StepError>>,
     runtime: Handle,
-    backend: Arc<B>,
-    rows: usize,
-    hidden: usize,
     layer: usize,
 }
 
-impl<B: Backend> ExpertTicket<B> for RemoteTicket<B> {
-    fn wait(self: Box<Self>) -> Result<B::Tensor, ExpertError> {
-        let RemoteTicket {
+impl Pending {
+    /// Blocks until the step's routed output, `[rows × hidden]` on the host, is combined.
+    /// Call from outside the router's runtime.
+    pub fn wait(self) -> Result<Vec<f32>, StepError> {
+        let Pending {
             task,
             runtime,
-            backend,
-            rows,
-            hidden,
             layer,
-        } = *self;
-        let data = runtime.block_on(task).map_err(|e| ExpertError::Remote {
+        } = self;
+        runtime.block_on(task).map_err(|e| StepError::Remote {
             layer,
             reason: format!("dispatch task failed: {e}"),
-        })??;
-        Ok(backend.upload(rows, hidden, &data)?)
+        })?
     }
 }
 
-impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
-    fn begin_step(&self) {
+impl RemoteExperts {
+    /// Marks a forward step's start: a placement published since the last step becomes active.
+    pub fn begin_step(&self) {
         self.inner.begin_step();
     }
 
-    fn end_step(&self) {
+    /// Marks a forward step's end (and records its duration).
+    pub fn end_step(&self) {
         self.inner.end_step();
     }
 
-    fn run(
-        &self,
-        layer: usize,
-        x: &B::Tensor,
-        routes: &Routes,
-        out: &mut B::Tensor,
-    ) -> Result<(), ExpertError> {
-        let (rows, _) = self.inner.backend.shape(x);
-        let ticket = self.submit(
-            layer,
-            x,
-            routes,
-            self.inner.backend.zeros(rows, self.inner.hidden),
-        )?;
-        *out = ticket.wait()?;
-        Ok(())
+    /// The model's hidden size, the width of every row sent and received.
+    pub fn hidden(&self) -> usize {
+        self.inner.hidden
     }
 
-    fn submit(
-        &self,
-        layer: usize,
-        x: &B::Tensor,
-        routes: &Routes,
-        _out: B::Tensor,
-    ) -> Result<Box<dyn ExpertTicket<B>>, ExpertError> {
+    /// Starts layer `layer`'s routed experts for the host rows `x` (`[rows × hidden]`, one
+    /// per row of `routes`) and returns at once; [`Pending::wait`] gives the result.
+    pub fn submit(&self, layer: usize, x: Vec<f32>, routes: &Routes) -> Result<Pending, StepError> {
         let inner = &self.inner;
         if layer >= inner.layers {
-            return Err(ExpertError::NoSuchLayer {
+            return Err(StepError::NoSuchLayer {
                 layer,
                 layers: inner.layers,
             });
         }
-        let (rows, cols) = inner.backend.shape(x);
-        if cols != inner.hidden || routes.rows() != rows {
-            return Err(ExpertError::Remote {
+        let rows = routes.rows();
+        if x.len() != rows * inner.hidden {
+            return Err(StepError::Remote {
                 layer,
                 reason: format!(
-                    "{rows}x{cols} hidden rows with {} routed rows for a model of width {}",
-                    routes.rows(),
+                    "{} hidden values for {rows} routed rows of a model of width {}",
+                    x.len(),
                     inner.hidden
                 ),
             });
@@ -758,17 +732,13 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
                 t.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let host = inner.backend.download(x);
         let task = self
             .runtime
-            .spawn(inner.clone().dispatch(layer, host, routes.clone()));
-        Ok(Box::new(RemoteTicket {
+            .spawn(inner.clone().dispatch(layer, x, routes.clone()));
+        Ok(Pending {
             task,
             runtime: self.runtime.clone(),
-            backend: inner.backend.clone(),
-            rows,
-            hidden: inner.hidden,
             layer,
-        }))
+        })
     }
 }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use myriad_model::moe::ExpertError;
+use myriad_router::StepError;
 use myriad_router::dispatch::{Dispatch, Health, NodeFailure, Route, Step};
 use myriad_transport::TransportError;
 use myriad_wire::{ExpertSet, NodeSpec, Placement, Routes};
@@ -75,7 +75,7 @@ fn run(
     dead: &[&str],
     refusing: &[&str],
     order: &dyn Fn(usize) -> Vec<usize>,
-) -> (Result<Vec<f32>, ExpertError>, Vec<Health>) {
+) -> (Result<Vec<f32>, StepError>, Vec<Health>) {
     let queued = vec![0; usable.len()];
     // The driver leaves a node that did not answer out of later plans.
     let mut usable = usable.to_vec();
@@ -249,7 +249,7 @@ fn used_up_attempts_wait_for_a_placement_and_give_up_naming_every_failure() {
     };
     assert_eq!((rounds, newer_than), (2, 7));
     match d.on_no_placement() {
-        Step::Done(Err(ExpertError::Remote { layer: 2, reason })) => {
+        Step::Done(Err(StepError::Remote { layer: 2, reason })) => {
             // One failure per round, each naming the node and its address.
             assert_eq!(reason.split("; ").count(), 2, "{reason}");
             assert!(reason.starts_with("n0 (a0): "), "{reason}");
@@ -271,7 +271,7 @@ fn an_expert_without_a_usable_holder_waits_for_the_failover_placement() {
     let mut gave_up = Dispatch::new(1, HIDDEN, rows.clone(), route(3, &["0-1", "2-3"], 4), 3);
     gave_up.plan_round(&[false, true], &[0, 0]);
     match gave_up.on_no_placement() {
-        Step::Done(Err(ExpertError::Unavailable {
+        Step::Done(Err(StepError::Unavailable {
             layer: 1,
             expert: 0,
             reason,

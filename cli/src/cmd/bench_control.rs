@@ -156,7 +156,7 @@ pub fn run(a: &ControlBenchArgs) -> Result<()> {
             ..TlsArgs::default()
         },
     )?;
-    let router: Arc<RemoteExperts<Device>> = engine
+    let router: Arc<RemoteExperts> = engine
         .experts
         .router
         .clone()
@@ -261,7 +261,7 @@ fn attention_cluster(a: &ControlBenchArgs, endpoint: &str) -> ClusterArgs {
 /// The bench's script, run on its own thread while the main thread decodes: measure, request
 /// a rebalance and follow it to its cleanup, measure a quiet window, kill a node.
 struct Orchestration {
-    router: Arc<RemoteExperts<Device>>,
+    router: Arc<RemoteExperts>,
     store: Arc<dyn Store>,
     keys: Keys,
     nodes: Vec<Arc<Mutex<ExpertProcess>>>,
@@ -448,12 +448,7 @@ fn decode_until(
 
 /// Step-time windows and figures from the router's step records, printed as text or JSON
 /// (and every step as CSV with `--steps-csv`).
-fn report(
-    a: &ControlBenchArgs,
-    dir: &Path,
-    t: &Timeline,
-    router: &RemoteExperts<Device>,
-) -> Result<()> {
+fn report(a: &ControlBenchArgs, dir: &Path, t: &Timeline, router: &RemoteExperts) -> Result<()> {
     let bsz = a.batch.max(1);
     let steps = router.recent_steps();
     let asked = t.asked.context("the rebalance was not requested")?;

@@ -161,27 +161,25 @@ pub fn run(a: &DispatchArgs) -> Result<()> {
         let routers = [
             (
                 "in-process",
-                RemoteExperts::new(
-                    backend.clone(),
+                Arc::new(RemoteExperts::new(
                     even.clone(),
                     Arc::new(network.connector()),
                     runtime.handle().clone(),
                     h,
                     config.num_layers,
                     RouterConfig::default(),
-                ),
+                )),
             ),
             (
                 "quic-loopback",
-                RemoteExperts::new(
-                    backend.clone(),
+                Arc::new(RemoteExperts::new(
                     quic_placement,
                     quic,
                     runtime.handle().clone(),
                     h,
                     config.num_layers,
                     RouterConfig::default(),
-                ),
+                )),
             ),
         ];
         for (_, r) in &routers {
@@ -203,7 +201,11 @@ pub fn run(a: &DispatchArgs) -> Result<()> {
             let mut entry = json!({"batch_tokens": n, "local_compute_ms_p50": local.p50_ms});
             for (name, r) in &routers {
                 let before = r.stats();
-                let t = time_runs(r, &backend, &x, &routes, h, a.repeats)?;
+                let exec = crate::adapters::RemoteExecutor {
+                    router: r.clone(),
+                    backend: backend.clone(),
+                };
+                let t = time_runs(&exec, &backend, &x, &routes, h, a.repeats)?;
                 let after = r.stats();
                 let calls = (a.repeats + 3) as f64;
                 let bytes = ((after.bytes_sent + after.bytes_received)
