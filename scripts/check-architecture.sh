@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 broken=0
 all_ours=(myriad myriad-wire myriad-model myriad-kernels myriad-transport myriad-router
-  myriad-expert myriad-attention myriad-gateway myriad-control myriad-loadtest myriad-metrics)
+  myriad-expert myriad-attention myriad-gateway myriad-control myriad-loadtest myriad-metrics
+  myriad-engine-api)
 
 # never CRATE DEP...: CRATE's normal dependency graph holds none of DEP (only its direct
 # dependencies with DEPTH=1).
@@ -40,8 +41,12 @@ never myriad-control myriad-kernels myriad-model myriad-router myriad-expert \
   axum cudarc
 # One Prometheus writer for every role, depending on nothing of ours.
 never myriad-metrics "${all_ours[@]}"
-# The HTTP front door reaches the engine through `Generate` only: no cluster internals.
-never myriad-gateway myriad-control myriad-router myriad-transport myriad-expert quinn
+# The HTTP front door reaches the engine through `Generate` only: no cluster internals, no
+# compute backend, no model code.
+never myriad-gateway myriad-control myriad-router myriad-transport myriad-expert quinn \
+  myriad-kernels myriad-model myriad-attention safetensors cudarc
+# The engine's API is plain types and one trait.
+never myriad-engine-api "${all_ours[@]}" rayon
 # Kernels compute: no async runtime, no network, no model files.
 never myriad-kernels tokio quinn axum hyper tonic myriad-model myriad-transport cudarc
 # The load generator speaks HTTP only.

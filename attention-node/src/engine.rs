@@ -13,7 +13,7 @@ use myriad_kernels::{Backend, SeqSpan};
 use crate::error::EngineError;
 use crate::forward::{Batch, Model};
 use crate::rng::Rng;
-use crate::sampling::{SamplingParams, TokenLogprob, log_softmax, sample, top_logprobs};
+use crate::sampling::{log_softmax, sample, top_logprobs};
 use crate::state::SequenceState;
 
 /// Limits of one engine.
@@ -38,62 +38,7 @@ impl Default for EngineConfig {
     }
 }
 
-/// One generation request.
-#[derive(Clone, Debug)]
-pub struct Request {
-    pub prompt: Vec<u32>,
-    /// Tokens to generate at most (0: prompt only, e.g. for prompt log-probabilities).
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    /// Keep going through end-of-sequence tokens.
-    pub ignore_eos: bool,
-    /// Extra token ids that end the sequence (kept in the output, as vLLM does).
-    pub stop_token_ids: Vec<u32>,
-    /// Report log-probabilities with this many top alternatives per position.
-    pub logprobs: Option<usize>,
-    /// Also report log-probabilities of the prompt tokens.
-    pub echo: bool,
-}
-
-impl Request {
-    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
-        Request {
-            prompt,
-            max_tokens,
-            sampling: SamplingParams::greedy(),
-            ignore_eos: false,
-            stop_token_ids: Vec::new(),
-            logprobs: None,
-            echo: false,
-        }
-    }
-}
-
-/// Why a sequence ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An end-of-sequence or stop token.
-    Stop,
-    /// `max_tokens` or the context length.
-    Length,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
-}
-
-/// The log-probability of the token at one position and the most likely alternatives there.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PositionLogprobs {
-    pub token_id: u32,
-    pub logprob: f32,
-    pub top: Vec<TokenLogprob>,
-}
+pub use myriad_engine_api::{FinishReason, PositionLogprobs, Request};
 
 /// The result of one request.
 #[derive(Clone, Debug)]

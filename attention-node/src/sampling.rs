@@ -7,50 +7,7 @@
 
 use crate::rng::Rng;
 
-/// How to pick the next token.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f32,
-    /// Keep the smallest set of tokens whose probability reaches `top_p` (1: all).
-    pub top_p: f32,
-    /// Keep the `top_k` most likely tokens (0: all).
-    pub top_k: usize,
-    /// Seed of this request's generator (None: a fresh random seed).
-    pub seed: Option<u64>,
-}
-
-impl SamplingParams {
-    pub fn greedy() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: None,
-        }
-    }
-
-    /// Checks the ranges; the message names the parameter.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(format!(
-                "temperature must be a finite number ≥ 0, got {}",
-                self.temperature
-            ));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
-        }
-        Ok(())
-    }
-}
-
-/// A token with its log-probability.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct TokenLogprob {
-    pub token_id: u32,
-    pub logprob: f32,
-}
+pub use myriad_engine_api::{SamplingParams, TokenLogprob};
 
 /// Natural-log softmax of `logits` (computed with an f64 sum).
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {

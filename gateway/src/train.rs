@@ -11,8 +11,6 @@
 use crate::config::TOKENIZER_CONFIG_FILE;
 use crate::corpus::training_corpus;
 use crate::tokenizer::TOKENIZER_FILE;
-use myriad_model::Family;
-use myriad_model::presets::special_tokens;
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -58,27 +56,22 @@ pub struct TokenizerSpec {
 }
 
 impl TokenizerSpec {
-    /// The Qwen3-Next layout of the fixtures.
-    pub fn qwen3_next(vocab_size: usize) -> Self {
+    /// The Qwen3-Next layout of the fixtures, with the family's special tokens
+    /// (`myriad_model::presets::special_tokens`, the one source of them).
+    pub fn qwen3_next(vocab_size: usize, specials: &[&str]) -> Self {
         TokenizerSpec {
             vocab_size,
-            specials: special_tokens(Family::Qwen3Next)
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            specials: specials.iter().map(|s| s.to_string()).collect(),
             model_max_length: 4096,
             tokenizer_class: "Qwen2Tokenizer".to_string(),
         }
     }
 
-    /// The Qwen3.5-MoE layout of the fixtures.
-    pub fn qwen3_5_moe(vocab_size: usize) -> Self {
+    /// The Qwen3.5-MoE layout of the fixtures, with the family's special tokens.
+    pub fn qwen3_5_moe(vocab_size: usize, specials: &[&str]) -> Self {
         TokenizerSpec {
             vocab_size,
-            specials: special_tokens(Family::Qwen35Moe)
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            specials: specials.iter().map(|s| s.to_string()).collect(),
             model_max_length: 4096,
             tokenizer_class: "Qwen3_5Tokenizer".to_string(),
         }
@@ -339,6 +332,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::Tokenizer;
+    use myriad_model::Family;
+    use myriad_model::presets::special_tokens;
 
     /// A corpus that runs out of merges leaves a gap that placeholders fill, so the specials
     /// keep their ids.
@@ -355,7 +350,8 @@ mod tests {
             .unwrap();
         let tokenizer = tokenizers::Tokenizer::new(bpe);
         let doc: Value = serde_json::from_str(&tokenizer.to_string(false).unwrap()).unwrap();
-        let spec = TokenizerSpec::qwen3_next(300 + special_tokens(Family::Qwen3Next).len());
+        let specials = special_tokens(Family::Qwen3Next);
+        let spec = TokenizerSpec::qwen3_next(300 + specials.len(), specials);
         let json = finish_tokenizer_json(doc, &spec, BYTE_ALPHABET).unwrap();
         let tok =
             Tokenizer::from_json(&json, Some(&tokenizer_config(&spec, 300).unwrap())).unwrap();

@@ -46,12 +46,22 @@ fn timed(spec: &TokenizerSpec) -> TokenizerFiles {
 
 fn next_1024() -> &'static TokenizerFiles {
     static FILES: OnceLock<TokenizerFiles> = OnceLock::new();
-    FILES.get_or_init(|| timed(&TokenizerSpec::qwen3_next(1024)))
+    FILES.get_or_init(|| {
+        timed(&TokenizerSpec::qwen3_next(
+            1024,
+            special_tokens(Family::Qwen3Next),
+        ))
+    })
 }
 
 fn moe_2048() -> &'static TokenizerFiles {
     static FILES: OnceLock<TokenizerFiles> = OnceLock::new();
-    FILES.get_or_init(|| timed(&TokenizerSpec::qwen3_5_moe(2048)))
+    FILES.get_or_init(|| {
+        timed(&TokenizerSpec::qwen3_5_moe(
+            2048,
+            special_tokens(Family::Qwen35Moe),
+        ))
+    })
 }
 
 fn load(files: &TokenizerFiles) -> Tokenizer {
@@ -181,7 +191,7 @@ fn any_text_round_trips() {
 #[test]
 fn files_match_the_fixture_layout() {
     // Same vocab size and specials as the fixture: the config must be the fixture's, byte for byte.
-    let mut spec = TokenizerSpec::qwen3_5_moe(1024);
+    let mut spec = TokenizerSpec::qwen3_5_moe(1024, special_tokens(Family::Qwen35Moe));
     spec.model_max_length = 4096;
     let files = timed(&spec);
     let fixture = fixture_dir("qwen3_5_moe-tiny");
@@ -287,13 +297,17 @@ fn written_files_load_back() {
 
 #[test]
 fn training_is_deterministic() {
-    let again = train_tokenizer(&TokenizerSpec::qwen3_next(1024)).unwrap();
+    let again = train_tokenizer(&TokenizerSpec::qwen3_next(
+        1024,
+        special_tokens(Family::Qwen3Next),
+    ))
+    .unwrap();
     assert_eq!(&again, next_1024());
 }
 
 #[test]
 fn bad_specs_are_rejected() {
-    let mut spec = TokenizerSpec::qwen3_next(200);
+    let mut spec = TokenizerSpec::qwen3_next(200, special_tokens(Family::Qwen3Next));
     assert!(matches!(
         train_tokenizer(&spec),
         Err(TrainError::VocabTooSmall { .. })
@@ -313,7 +327,10 @@ fn bad_specs_are_rejected() {
 /// default.
 #[test]
 fn trains_the_bench_vocabulary() {
-    let files = timed(&TokenizerSpec::qwen3_next(32768));
+    let files = timed(&TokenizerSpec::qwen3_next(
+        32768,
+        special_tokens(Family::Qwen3Next),
+    ));
     check_specials(&files, 32768, special_tokens(Family::Qwen3Next));
     let tok = load(&files);
     let text = "What is the capital of France? Please answer in one word.";

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use myriad_gateway::{TokenizerSpec, train_tokenizer};
 use myriad_kernels::WeightDtype;
+use myriad_model::presets::special_tokens;
 use myriad_model::{Family, Preset, SynthReport, SynthSpec, write_random_model};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -92,8 +93,8 @@ pub fn make_model(
     )
     .with_context(|| format!("writing weights to {}", out.display()))?;
     let mut spec = match family {
-        Family::Qwen3Next => TokenizerSpec::qwen3_next(config.vocab_size),
-        Family::Qwen35Moe => TokenizerSpec::qwen3_5_moe(config.vocab_size),
+        Family::Qwen3Next => TokenizerSpec::qwen3_next(config.vocab_size, special_tokens(family)),
+        Family::Qwen35Moe => TokenizerSpec::qwen3_5_moe(config.vocab_size, special_tokens(family)),
     };
     spec.model_max_length = config.max_position_embeddings;
     let files = train_tokenizer(&spec).context("training the tokenizer")?;

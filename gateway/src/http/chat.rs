@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
-use myriad_attention::FinishReason;
+use myriad_engine_api::FinishReason;
 
 use super::chat_request::{ChatRequest, Prompt, render_prompt};
 use super::error::ApiError;
@@ -258,7 +258,7 @@ impl Output {
         &mut self,
         i: usize,
         text: &str,
-        logprobs: Option<&myriad_attention::PositionLogprobs>,
+        logprobs: Option<&myriad_engine_api::PositionLogprobs>,
     ) -> Pieces {
         if self.logprobs
             && let Some(lp) = logprobs

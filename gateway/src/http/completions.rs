@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
-use myriad_attention::PositionLogprobs;
+use myriad_engine_api::PositionLogprobs;
 use serde_json::Value;
 
 use super::error::ApiError;

@@ -11,7 +11,7 @@ use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use myriad_attention::SubmitError;
+use myriad_engine_api::SubmitError;
 use serde_json::json;
 
 /// An error response.

@@ -7,14 +7,14 @@
 //! when a client goes away) drops them, which cancels the sequences in the engine. A sequence
 //! that hits a stop string is cancelled the same way, at once.
 //!
-//! [`Generate`]: myriad_attention::Generate
+//! [`Generate`]: myriad_engine_api::Generate
 
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use myriad_attention::{Event, FinishReason, PositionLogprobs, Request, Submission};
+use myriad_engine_api::{Event, FinishReason, PositionLogprobs, Request, Submission};
 use serde_json::Value;
 
 use super::error::ApiError;

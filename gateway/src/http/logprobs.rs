@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use myriad_attention::PositionLogprobs;
+use myriad_engine_api::PositionLogprobs;
 use serde_json::{Map, Value};
 use tokenizers::decoders::DecoderWrapper;
 
@@ -176,7 +176,7 @@ impl<'a> Renderer<'a> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use myriad_attention::TokenLogprob;
+    use myriad_engine_api::TokenLogprob;
 
     fn tokenizer() -> Tokenizer {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

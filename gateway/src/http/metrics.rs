@@ -105,7 +105,7 @@ impl Metrics {
     }
 
     /// One scrape.
-    pub fn render(&self, engine: &myriad_attention::SchedulerStats) -> String {
+    pub fn render(&self, engine: &myriad_engine_api::SchedulerStats) -> String {
         let mut m = MetricsText::new();
         requests_family(
             &mut m,
@@ -244,7 +244,7 @@ mod tests {
         m.prompt_tokens(7);
         m.time_to_first_token(Duration::from_millis(30));
         m.time_to_first_token(Duration::from_secs(1000));
-        let text = m.render(&myriad_attention::SchedulerStats {
+        let text = m.render(&myriad_engine_api::SchedulerStats {
             running: 2,
             waiting: 1,
             ..Default::default()

@@ -12,7 +12,7 @@
 //!   `<tool_call>`), so streamed and full responses agree.
 //! - `logprobs`: both log-probability formats; `metrics`: Prometheus `/metrics`.
 //!
-//! The engine is reached only through `myriad_attention::Generate`.
+//! The engine is reached only through `myriad_engine_api::Generate`.
 
 pub mod app;
 pub(crate) mod auth;

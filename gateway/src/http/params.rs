@@ -9,7 +9,7 @@
 //! does not know are ignored, as OpenAI clients send extras.
 
 use axum::body::Bytes;
-use myriad_attention::{Request, SamplingParams};
+use myriad_engine_api::{Request, SamplingParams};
 use serde_json::{Map, Value};
 
 use super::error::ApiError;

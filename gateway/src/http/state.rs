@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use myriad_attention::Generate;
+use myriad_engine_api::Generate;
 
 use super::error::ApiError;
 use super::logprobs::{Renderer, TokenBytes};

@@ -7,7 +7,7 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use myriad_attention::SubmitError;
+use myriad_engine_api::SubmitError;
 use myriad_gateway::ChatTemplate;
 use serde_json::{Value, json};
 use support::*;

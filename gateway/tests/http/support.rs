@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use myriad_attention::{
+use myriad_engine_api::{
     Event, FinishReason, Generate, PositionLogprobs, Request, SchedulerStats, Submission,
     SubmitError, TokenLogprob,
 };
