@@ -8,7 +8,7 @@
 
 use myriad_kernels::{
     AttentionDims, AttentionLayer, Backend, DeltaNetDims, DeltaNetLayer, HostMatrix, MatrixUse,
-    WeightDtype,
+    WeightDtype, YarnScaling,
 };
 use myriad_model::checkpoint::{Checkpoint, HostTensor, MixerTensors};
 use myriad_model::config::{LayerKind, ModelConfig};
@@ -70,6 +70,14 @@ pub fn attention_dims(c: &ModelConfig) -> AttentionDims {
         head_dim: c.head_dim,
         rotary_dim: c.rotary_dim,
         rope_theta: c.rope_theta as f32,
+        yarn: c.yarn.as_ref().map(|y| YarnScaling {
+            factor: y.factor,
+            original_max_position_embeddings: y.original_max_position_embeddings,
+            beta_fast: y.beta_fast,
+            beta_slow: y.beta_slow,
+            attention_factor: y.attention_factor,
+            truncate: y.truncate,
+        }),
         norm_eps: c.rms_norm_eps as f32,
     }
 }

@@ -149,8 +149,25 @@ pub struct AttentionDims {
     /// Leading dims of each head that get rotary embedding (`head_dim * partial_rotary_factor`).
     pub rotary_dim: usize,
     pub rope_theta: f32,
+    /// YaRN context extension of the rotary frequencies (`None`: plain RoPE).
+    pub yarn: Option<YarnScaling>,
     /// Epsilon of `q_norm` / `k_norm`.
     pub norm_eps: f32,
+}
+
+/// YaRN rope scaling (spec §2.4), as every backend computes its frequencies from it
+/// ([`crate::rope::frequencies`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct YarnScaling {
+    pub factor: f64,
+    /// The trained context `L₀` the correction range is computed for.
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// Multiplier of cos and sin.
+    pub attention_factor: f64,
+    /// Round the correction range outward to whole dims.
+    pub truncate: bool,
 }
 
 impl AttentionDims {

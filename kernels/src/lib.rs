@@ -14,10 +14,11 @@ pub mod backend;
 pub mod cpu;
 mod error;
 pub mod probe;
+pub mod rope;
 
 pub use backend::{
     AttentionDims, AttentionLayer, Backend, DeltaNetDims, DeltaNetLayer, DeltaStateHost,
-    ExpertMatrices, HostMatrix, KvCacheHost, MatrixUse, SeqSpan, WeightDtype,
+    ExpertMatrices, HostMatrix, KvCacheHost, MatrixUse, SeqSpan, WeightDtype, YarnScaling,
 };
 pub use error::KernelError;
 /// Routes are a node-to-node contract: defined in `myriad-wire`, the kernels consume them.

@@ -188,6 +188,7 @@ fn attention_prefill_and_decode_match_plain_causal_softmax() {
         head_dim: 32,
         rotary_dim: 8,
         rope_theta: 10_000.0,
+        yarn: None,
         norm_eps: 1e-6,
     };
     let n = 300; // crosses the 64-query and 256-key blocks of the prefill path

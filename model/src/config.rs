@@ -67,6 +67,23 @@ impl LayerKind {
 }
 
 /// Everything about the text model's shape that loading and running it needs.
+/// YaRN rope scaling (spec §2.4): frequencies interpolated by `factor` below the correction
+/// range, kept above it, ramped between; cos and sin scaled by the attention factor. Static: it
+/// applies at every position, short prompts included.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Yarn {
+    pub factor: f64,
+    /// The context the model was trained on (`L₀`).
+    pub original_max_position_embeddings: usize,
+    /// Rotations at the fast and slow ends of the correction range (32 and 1 by default).
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// Multiplier of cos and sin; default `0.1 · ln(factor) + 1`.
+    pub attention_factor: f64,
+    /// Round the correction range outward to whole dims (transformers' default).
+    pub truncate: bool,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub family: Family,
@@ -80,6 +97,8 @@ pub struct ModelConfig {
     /// `head_dim * partial_rotary_factor`.
     pub rotary_dim: usize,
     pub rope_theta: f64,
+    /// YaRN context extension (`rope_type: "yarn"`, spec §2.4); `None`: plain RoPE.
+    pub yarn: Option<Yarn>,
     pub linear_num_key_heads: usize,
     pub linear_num_value_heads: usize,
     pub linear_key_head_dim: usize,

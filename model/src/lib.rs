@@ -24,7 +24,7 @@ pub use checkpoint::{
     Checkpoint, CheckpointError, ExpertTensors, FullAttnTensors, HostTensor, LayerTensors,
     LinearAttnTensors, MixerTensors,
 };
-pub use config::{ConfigError, Family, GenerationConfig, LayerKind, ModelConfig};
+pub use config::{ConfigError, Family, GenerationConfig, LayerKind, ModelConfig, Yarn};
 pub use myriad_wire::{ExpertSet, ExpertSetError};
 pub use presets::Preset;
 pub use synth::{SynthError, SynthReport, SynthSpec, write_random_model};

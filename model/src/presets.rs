@@ -158,6 +158,7 @@ impl Preset {
             head_dim: hd,
             rotary_dim: rot,
             rope_theta: s.rope_theta,
+            yarn: None,
             linear_num_key_heads: nk,
             linear_num_value_heads: nv,
             linear_key_head_dim: dk,

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{FIXTURES, TempDir, fixture, read_json};
-use myriad_model::config::{ConfigError, Family, GenerationConfig, LayerKind, ModelConfig};
+use myriad_model::config::{ConfigError, Family, GenerationConfig, LayerKind, ModelConfig, Yarn};
 use myriad_model::presets::{self, Preset};
 use serde_json::{Value, json};
 
@@ -149,6 +149,17 @@ fn to_hf_json_round_trips() {
             LayerKind::FullAttention,
             LayerKind::LinearAttention,
         ];
+        let text = c.to_hf_json().to_string();
+        assert_eq!(ModelConfig::from_json_str(&text, origin).unwrap(), c);
+        // And YaRN.
+        c.yarn = Some(Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 1024,
+            beta_fast: 24.0,
+            beta_slow: 2.0,
+            attention_factor: 1.25,
+            truncate: false,
+        });
         let text = c.to_hf_json().to_string();
         assert_eq!(ModelConfig::from_json_str(&text, origin).unwrap(), c);
     }
@@ -510,21 +521,88 @@ fn inconsistent_sizes() {
 }
 
 #[test]
-fn unsupported_features() {
+fn yarn_in_either_family_and_spelling() {
+    // transformers 5 spelling, Qwen3.5 (text_config).
     let v = mutated("qwen3_5_moe-tiny", |t| {
         t["rope_parameters"]["rope_type"] = json!("yarn");
         t["rope_parameters"]["factor"] = json!(4.0);
+        t["rope_parameters"]["original_max_position_embeddings"] = json!(1024);
     });
-    let err = expect_error(&v, &["text_config.rope_parameters.rope_type", "yarn"]);
+    let y = parse(&v).unwrap().yarn.expect("YaRN on");
+    assert_eq!(
+        (
+            y.factor,
+            y.original_max_position_embeddings,
+            y.beta_fast,
+            y.beta_slow,
+            y.truncate
+        ),
+        (4.0, 1024, 32.0, 1.0, true)
+    );
+    assert!((y.attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15);
+    // The older `rope_scaling` spelling, Qwen3-Next; no original context: the model's, and
+    // explicit settings win over the defaults.
+    let v = mutated("qwen3_next-tiny", |t| {
+        t.remove("rope_parameters");
+        t.insert(
+            "rope_scaling".into(),
+            json!({"type": "yarn", "factor": 2.0, "beta_fast": 16, "attention_factor": 1.5,
+                   "truncate": false}),
+        );
+    });
+    let c = parse(&v).unwrap();
+    let y = c.yarn.expect("YaRN on");
+    assert_eq!(
+        y.original_max_position_embeddings,
+        c.max_position_embeddings
+    );
+    assert_eq!(
+        (y.beta_fast, y.attention_factor, y.truncate),
+        (16.0, 1.5, false)
+    );
+    // No factor: the ratio of the context to the trained one, as transformers takes it.
+    let v = mutated("qwen3_5_moe-tiny", |t| {
+        t["rope_parameters"]["rope_type"] = json!("yarn");
+        t["rope_parameters"]["original_max_position_embeddings"] = json!(1024);
+    });
+    assert_eq!(parse(&v).unwrap().yarn.map(|y| y.factor), Some(4.0));
+    // DeepSeek's mscale pair sets the attention factor.
+    let v = mutated("qwen3_5_moe-tiny", |t| {
+        t["rope_parameters"]["rope_type"] = json!("yarn");
+        t["rope_parameters"]["factor"] = json!(4.0);
+        t["rope_parameters"]["mscale"] = json!(2.0);
+        t["rope_parameters"]["mscale_all_dim"] = json!(1.0);
+    });
+    let a = parse(&v).unwrap().yarn.map(|y| y.attention_factor);
+    let l = 4f64.ln();
+    assert_eq!(a, Some((0.2 * l + 1.0) / (0.1 * l + 1.0)));
+    // Bad values name the key.
+    for (key, value) in [("factor", json!(-1.0)), ("attention_factor", json!(0.0))] {
+        let v = mutated("qwen3_5_moe-tiny", |t| {
+            t["rope_parameters"]["rope_type"] = json!("yarn");
+            t["rope_parameters"]["factor"] = json!(4.0);
+            t["rope_parameters"][key] = value;
+        });
+        expect_error(&v, &[&format!("rope_parameters.{key}")]);
+    }
+}
+
+#[test]
+fn unsupported_features() {
+    let v = mutated("qwen3_5_moe-tiny", |t| {
+        t["rope_parameters"]["rope_type"] = json!("longrope");
+        t["rope_parameters"]["factor"] = json!(4.0);
+    });
+    let err = expect_error(&v, &["text_config.rope_parameters.rope_type", "longrope"]);
     assert!(matches!(err, ConfigError::Unsupported { .. }));
     let v = mutated("qwen3_next-tiny", |t| {
         t.remove("rope_parameters");
         t.insert(
             "rope_scaling".into(),
-            json!({"type": "yarn", "factor": 4.0}),
+            json!({"type": "dynamic", "factor": 4.0}),
         );
     });
-    expect_error(&v, &["rope_scaling.type", "yarn"]);
+    expect_error(&v, &["rope_scaling.type", "dynamic"]);
     let v = mutated("qwen3_next-tiny", |t| t["mlp_only_layers"] = json!([1]));
     expect_error(&v, &["mlp_only_layers"]);
     let v = mutated("qwen3_next-tiny", |t| t["decoder_sparse_step"] = json!(2));

@@ -25,10 +25,20 @@ pub fn fixture(name: &str) -> PathBuf {
     fixtures_root().join(name)
 }
 
-/// The public fixtures plus any directories in `MYRIAD_EXTRA_FIXTURES` (colon-separated; made
-/// by `make_fixtures.py` with other seeds, prompts and shapes).
+/// Fixtures kept in this repository (`tests/fixtures/README.md`): shapes the public ones lack.
+pub const REPO_FIXTURES: [&str; 2] = ["qwen3_next-tiny-yarn", "qwen3_5_moe-tiny-yarn"];
+
+pub fn repo_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// The public fixtures, the repository's, and any directories in `MYRIAD_EXTRA_FIXTURES`
+/// (colon-separated; made by `make_fixtures.py` with other seeds, prompts and shapes).
 pub fn fixture_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = FIXTURES.iter().map(|n| fixture(n)).collect();
+    dirs.extend(REPO_FIXTURES.iter().map(|n| repo_fixture(n)));
     if let Some(extra) = std::env::var_os("MYRIAD_EXTRA_FIXTURES") {
         dirs.extend(std::env::split_paths(&extra));
     }

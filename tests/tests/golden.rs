@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use myriad_attention::{LayerState, Request, SequenceState, Trace};
 use myriad_kernels::cpu::CpuBackend;
 use myriad_kernels::{Backend, Routes, SeqSpan};
-use myriad_tests::{Reference, Report, engine, fixture, log_softmax_rows, max_abs};
+use myriad_tests::{Reference, Report, engine, fixture, log_softmax_rows, max_abs, repo_fixture};
 
 /// Logits: the reference's own kernels differ by ≤ 4e-5 and logit std is about 2.
 const LOGIT_TOL: f32 = 1e-3;
@@ -309,6 +309,17 @@ fn qwen3_5_moe_tiny() {
 #[test]
 fn qwen3_5_moe_mini512() {
     check_fixture("qwen3_5_moe-mini512");
+}
+
+/// YaRN rope scaling against transformers (`tests/fixtures/README.md`).
+#[test]
+fn qwen3_next_tiny_yarn() {
+    check_fixture(repo_fixture("qwen3_next-tiny-yarn").to_str().unwrap());
+}
+
+#[test]
+fn qwen3_5_moe_tiny_yarn() {
+    check_fixture(repo_fixture("qwen3_5_moe-tiny-yarn").to_str().unwrap());
 }
 
 /// Extra fixture directories made by `make_fixtures.py` with other seeds, prompts and shapes

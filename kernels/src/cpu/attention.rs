@@ -85,6 +85,7 @@ multiversion! {
         q_norm: &[f32],
         k_norm: &[f32],
         inv_freq: &[f32],
+        rope_scale: f32,
         proj: &[f32],
         positions: &[usize],
         q: &mut [f32],
@@ -98,7 +99,7 @@ multiversion! {
         let mut sin = vec![0f32; half];
         for (i, &pos) in positions.iter().enumerate() {
             let row = &proj[i * pw..(i + 1) * pw];
-            rope::angles(pos, inv_freq, &mut cos, &mut sin);
+            rope::angles(pos, inv_freq, rope_scale, &mut cos, &mut sin);
             for h in 0..nh {
                 let dst = &mut q[(i * nh + h) * hd..(i * nh + h + 1) * hd];
                 norm_into(&row[h * 2 * hd..h * 2 * hd + hd], q_norm, dims.norm_eps, dst);
@@ -255,7 +256,8 @@ pub fn gated_attention(
             positions[s.start + i] = s.past + i;
         }
     }
-    let inv_freq = rope::inv_freq(dims.rotary_dim, dims.rope_theta);
+    let (inv_freq, rope_scale) =
+        crate::rope::frequencies(dims.rotary_dim, dims.rope_theta, dims.yarn.as_ref());
     let mut q = vec![0f32; n * nh * hd];
     let mut k = vec![0f32; n * nkv * hd];
     let mut v = vec![0f32; n * nkv * hd];
@@ -280,6 +282,7 @@ pub fn gated_attention(
                 args.q_norm,
                 args.k_norm,
                 &inv_freq,
+                rope_scale,
                 &proj[r0 * dims.proj_dim()..(r0 + rows) * dims.proj_dim()],
                 &positions[r0..r0 + rows],
                 qs,

@@ -107,6 +107,18 @@ fn text_keys(c: &ModelConfig) -> Map<String, Value> {
     let Value::Object(mut map) = keys else {
         return Map::new();
     };
+    if let (Some(y), Some(Value::Object(rope))) = (&c.yarn, map.get_mut("rope_parameters")) {
+        rope.insert("rope_type".into(), json!("yarn"));
+        rope.insert("factor".into(), json!(y.factor));
+        rope.insert(
+            "original_max_position_embeddings".into(),
+            json!(y.original_max_position_embeddings),
+        );
+        rope.insert("beta_fast".into(), json!(y.beta_fast));
+        rope.insert("beta_slow".into(), json!(y.beta_slow));
+        rope.insert("attention_factor".into(), json!(y.attention_factor));
+        rope.insert("truncate".into(), json!(y.truncate));
+    }
     if let Some(interval) = c.full_attention_interval() {
         map.insert("full_attention_interval".into(), json!(interval));
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::json::Section;
-use super::{ConfigError, Family, LayerKind, ModelConfig};
+use super::{ConfigError, Family, LayerKind, ModelConfig, Yarn};
 
 const DEFAULT_PARTIAL_ROTARY_FACTOR: f64 = 0.25;
 const DEFAULT_FULL_ATTENTION_INTERVAL: usize = 4;
@@ -76,6 +76,7 @@ pub(super) fn parse(text: &str, origin: &Path) -> Result<ModelConfig, ConfigErro
         head_dim,
         rotary_dim: rope.rotary_dim,
         rope_theta: rope.theta,
+        yarn: rope.yarn,
         linear_num_key_heads: text.req_usize("linear_num_key_heads")?,
         linear_num_value_heads: text.req_usize("linear_num_value_heads")?,
         linear_key_head_dim: text.req_usize("linear_key_head_dim")?,
@@ -116,6 +117,7 @@ fn family(top: &Section<'_>, text: &Section<'_>) -> Result<Family, ConfigError> 
 struct Rope {
     theta: f64,
     rotary_dim: usize,
+    yarn: Option<Yarn>,
 }
 
 /// RoPE settings from `rope_parameters` (transformers 5) or the older top-level
@@ -123,18 +125,21 @@ struct Rope {
 fn rope(text: &Section<'_>, head_dim: usize) -> Result<Rope, ConfigError> {
     let params = text.opt_object("rope_parameters")?;
     let scaling = text.opt_object("rope_scaling")?;
+    let mut yarn_section = None;
     for section in params.iter().chain(scaling.iter()) {
         let key = if section.has("rope_type") {
             "rope_type"
         } else {
             "type"
         };
-        if let Some(kind) = section.opt_str(key)? {
+        match section.opt_str(key)? {
             // "mrope" (older multimodal spelling) is plain partial RoPE for text-only input.
-            if kind != "default" && kind != "mrope" {
+            None | Some("default" | "mrope") => {}
+            Some("yarn") => yarn_section = Some(section),
+            Some(kind) => {
                 return Err(section.unsupported(
                     key,
-                    format!("RoPE type `{kind}` is not implemented (only default RoPE)"),
+                    format!("RoPE type `{kind}` is not implemented (default RoPE and YaRN are)"),
                 ));
             }
         }
@@ -168,9 +173,73 @@ fn rope(text: &Section<'_>, head_dim: usize) -> Result<Rope, ConfigError> {
             format!("head_dim {head_dim} x {factor} is not a whole number of rotary dims"),
         ));
     }
+    let yarn = yarn_section.map(|s| yarn(s, text)).transpose()?;
     Ok(Rope {
         theta,
         rotary_dim: dims as usize,
+        yarn,
+    })
+}
+
+/// The YaRN settings of a `rope_type: "yarn"` section; `original_max_position_embeddings`
+/// defaults to the model's `max_position_embeddings`, as transformers reads it.
+fn yarn(section: &Section<'_>, text: &Section<'_>) -> Result<Yarn, ConfigError> {
+    let original = match section.opt_usize("original_max_position_embeddings")? {
+        Some(n) => n,
+        None => text.req_usize("max_position_embeddings")?,
+    };
+    if original == 0 {
+        return Err(section.invalid("original_max_position_embeddings", "must be positive"));
+    }
+    // Without `factor`, the ratio of the context to the trained one (as transformers does).
+    let factor = match section.opt_f64("factor")? {
+        Some(f) => f,
+        None => text.req_usize("max_position_embeddings")? as f64 / original as f64,
+    };
+    if !(factor.is_finite() && factor > 0.0) {
+        return Err(section.invalid("factor", format!("must be positive, found {factor}")));
+    }
+    // 0 or absent: the paper's defaults (transformers reads them with `or`).
+    let beta_fast = section
+        .opt_f64("beta_fast")?
+        .filter(|b| *b != 0.0)
+        .unwrap_or(32.0);
+    let beta_slow = section
+        .opt_f64("beta_slow")?
+        .filter(|b| *b != 0.0)
+        .unwrap_or(1.0);
+    if !(beta_fast.is_finite() && beta_slow.is_finite() && beta_fast > 0.0 && beta_slow > 0.0) {
+        return Err(section.invalid("beta_fast", "beta_fast and beta_slow must be positive"));
+    }
+    // `0.1 · m · ln(factor) + 1`, or 1 when the factor does not extend the context.
+    let mscale = |m: f64| {
+        if factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * factor.ln() + 1.0
+        }
+    };
+    let attention_factor = match section.opt_f64("attention_factor")? {
+        Some(a) if a.is_finite() && a > 0.0 => a,
+        Some(a) => {
+            return Err(section.invalid("attention_factor", format!("must be positive, found {a}")));
+        }
+        None => match (
+            section.opt_f64("mscale")?.filter(|m| *m != 0.0),
+            section.opt_f64("mscale_all_dim")?.filter(|m| *m != 0.0),
+        ) {
+            (Some(m), Some(all)) => mscale(m) / mscale(all),
+            _ => mscale(1.0),
+        },
+    };
+    let truncate = section.opt_bool("truncate")?.unwrap_or(true);
+    Ok(Yarn {
+        factor,
+        original_max_position_embeddings: original,
+        beta_fast,
+        beta_slow,
+        attention_factor,
+        truncate,
     })
 }
 
