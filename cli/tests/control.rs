@@ -14,7 +14,7 @@ use myriad::cluster::{ClusterArgs, TlsArgs};
 use myriad::cmd::launch::{ExpertProcess, ExpertProcessSpec};
 use myriad::control::ControlArgs;
 use myriad::local::{LocalEngine, LocalOptions, load_with};
-use myriad_attention::Completion;
+use myriad_attention::{Completion, Event, Generate, Scheduler, SchedulerConfig};
 use myriad_control::records::{Request as ControlRequest, encode};
 use myriad_control::testing::EtcdServer;
 use myriad_control::{ClusterView, EtcdStore, Keys, Store};
@@ -26,6 +26,38 @@ use common::{fixture, ids, reference};
 
 fn requests(r: &Value, max_tokens: usize) -> Vec<myriad_attention::Request> {
     common::requests(r, max_tokens, None, false)
+}
+
+/// One request through the scheduler: when it was submitted and when it finished, which
+/// reference prompt it ran, and its tokens (or why it failed).
+struct Run {
+    t0: Instant,
+    t1: Instant,
+    prompt: usize,
+    tokens: Result<Vec<u32>, String>,
+}
+
+fn stream_one(scheduler: &Scheduler, prompt: usize, request: myriad_attention::Request) -> Run {
+    let t0 = Instant::now();
+    let mut tokens = Vec::new();
+    let outcome = match scheduler.submit(request) {
+        Err(e) => Err(e.to_string()),
+        Ok(mut submission) => loop {
+            match submission.events.blocking_recv() {
+                Some(Event::Token { id, .. }) => tokens.push(id),
+                Some(Event::Finished { .. }) => break Ok(()),
+                Some(Event::Failed(e)) => break Err(e),
+                Some(Event::PromptLogprobs(_)) => {}
+                None => break Err("the scheduler dropped the request".to_string()),
+            }
+        },
+    };
+    Run {
+        t0,
+        t1: Instant::now(),
+        prompt,
+        tokens: outcome.map(|()| tokens),
+    }
 }
 
 /// Every completion and the reference's greedy tokens agree as far as both go.
@@ -283,19 +315,37 @@ fn a_rebalance_under_a_skewed_load_switches_placement_between_steps() {
     let store = etcd.store();
     let keys = Keys::new("test");
 
-    // Generations back to back until the rebalance is over, each timed.
+    // Requests through the scheduler until the rebalance is over, each timed, with three in
+    // flight at staggered points: every step boundary then falls inside some request's life,
+    // so wherever the switch lands, a running request sees it (run-to-completion batches
+    // back to back left a gap between batches where the switch could fall).
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (e, halt) = (engine.clone(), stop.clone());
-    let reqs = requests(&r, 32);
-    let run = std::thread::spawn(move || {
-        let mut runs = Vec::new();
-        while !halt.load(std::sync::atomic::Ordering::Acquire) {
-            let t0 = Instant::now();
-            let out = e.engine.generate(&reqs);
-            runs.push((t0, Instant::now(), out));
-        }
-        runs
-    });
+    let scheduler = Arc::new(Scheduler::start(
+        engine.engine.clone(),
+        SchedulerConfig::default(),
+    ));
+    let prompts = requests(&r, 32);
+    let streams: Vec<_> = (0..3)
+        .map(|k| {
+            let (sched, halt, prompts) = (scheduler.clone(), stop.clone(), prompts.clone());
+            std::thread::spawn(move || {
+                // Stagger the streams by a few tokens each.
+                let mut runs = Vec::new();
+                let mut i = k;
+                let mut first = true;
+                while !halt.load(std::sync::atomic::Ordering::Acquire) {
+                    let mut req = prompts[i % prompts.len()].clone();
+                    if first {
+                        req.max_tokens = 4 + 9 * k;
+                        first = false;
+                    }
+                    runs.push(stream_one(&sched, i % prompts.len(), req));
+                    i += 3;
+                }
+                runs
+            })
+        })
+        .collect();
     // Wait for a load report, then ask for a rebalance while the generations run.
     wait_until("a load report", Duration::from_secs(60), || {
         etcd.view(&*store).load(512).iter().sum::<f64>() > 0.0
@@ -328,10 +378,17 @@ fn a_rebalance_under_a_skewed_load_switches_placement_between_steps() {
             > 40
     });
     stop.store(true, std::sync::atomic::Ordering::Release);
-    let runs = run.join().unwrap();
-    for (_, _, out) in &runs {
-        let out = out.as_ref().expect("every request completes");
-        matches_reference(out, &r, "across the rebalance");
+    let runs: Vec<Run> = streams
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let prompts = r["prompts"].as_array().unwrap();
+    for run in &runs {
+        let tokens = run.tokens.as_ref().expect("every request completes");
+        let want = ids(&prompts[run.prompt]["greedy_ids"]);
+        let n = want.len().min(tokens.len());
+        assert!(n > 0, "nothing generated");
+        assert_eq!(tokens[..n], want[..n], "across the rebalance");
     }
 
     let view = etcd.view(&*store);
@@ -344,15 +401,15 @@ fn a_rebalance_under_a_skewed_load_switches_placement_between_steps() {
     assert_eq!(view.version(), 2);
     // The switch happened between two steps of one running generation.
     let steps = router.recent_steps();
-    let switched_within = runs.iter().any(|(t0, t1, _)| {
+    let switched_within = runs.iter().any(|run| {
         let inside = |v: u64| {
             steps
                 .iter()
-                .any(|s| s.placement_version == v && s.ended > *t0 && s.ended <= *t1)
+                .any(|s| s.placement_version == v && s.ended > run.t0 && s.ended <= run.t1)
         };
         inside(1) && inside(2)
     });
-    assert!(switched_within, "no generation ran on both versions");
+    assert!(switched_within, "no request ran on both versions");
     assert!(router.stats().placement_switches >= 1);
     // Old copies are dropped once the attention node runs version 2.
     wait_until("old copies dropped", Duration::from_secs(30), || {
