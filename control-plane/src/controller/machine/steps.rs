@@ -202,18 +202,13 @@ impl Machine {
                     .collect();
                 self.write_next(job, writes, Then::Loads(change), now)
             }
-            Ok(Some(node)) if deadline.is_some_and(|d| now >= d) => {
-                let e = ControlError::Timeout {
-                    what: format!("expert node {node} to drop the experts it was unassigned"),
-                    after: self.config.load_timeout,
-                };
-                self.after_change(job, Err(e), now)
-            }
-            Ok(Some(_)) => {
-                let stage = Stage::AwaitingDrops { change, deadline };
-                self.pass = Some(Pass { job, stage });
-                Action::ReadView { after: LOAD_POLL }
-            }
+            Ok(Some(node)) => self.wait_or_time_out(
+                job,
+                Stage::AwaitingDrops { change, deadline },
+                format!("expert node {node} to drop the experts it was unassigned"),
+                deadline,
+                now,
+            ),
         }
     }
 
@@ -242,19 +237,35 @@ impl Machine {
                     self.write_next(job, writes.into(), Then::Published(change), now)
                 }
             },
-            Ok(Some(node)) if deadline.is_some_and(|d| now >= d) => {
-                let e = ControlError::Timeout {
-                    what: format!("expert node {node} to load its experts"),
-                    after: self.config.load_timeout,
-                };
-                self.after_change(job, Err(e), now)
-            }
-            Ok(Some(_)) => {
-                let stage = Stage::AwaitingLoads { change, deadline };
-                self.pass = Some(Pass { job, stage });
-                Action::ReadView { after: LOAD_POLL }
-            }
+            Ok(Some(node)) => self.wait_or_time_out(
+                job,
+                Stage::AwaitingLoads { change, deadline },
+                format!("expert node {node} to load its experts"),
+                deadline,
+                now,
+            ),
         }
+    }
+
+    /// A node of the change has not caught up: the change times out at `deadline` (waiting
+    /// for `what`), else `stage` reads the view again after [`LOAD_POLL`].
+    fn wait_or_time_out(
+        &mut self,
+        job: Job,
+        stage: Stage,
+        what: String,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Action {
+        if deadline.is_some_and(|d| now >= d) {
+            let e = ControlError::Timeout {
+                what,
+                after: self.config.load_timeout,
+            };
+            return self.after_change(job, Err(e), now);
+        }
+        self.pass = Some(Pass { job, stage });
+        Action::ReadView { after: LOAD_POLL }
     }
 
     /// A change is published (`Ok`: its version) or failed; its job records it.
