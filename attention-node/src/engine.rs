@@ -26,6 +26,10 @@ pub struct EngineConfig {
     /// Split each step into two micro-batches that take turns (one's attention runs while the
     /// other's routed experts are in flight). Pays off when experts are remote.
     pub ping_pong: bool,
+    /// KV blocks all running sequences may hold together (over every attention layer); `None`
+    /// is unbounded. When a step needs more, the newest sequences are preempted (their state
+    /// dropped, to be recomputed from their tokens later). The scheduler passes its own pool.
+    pub kv_blocks: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -34,6 +38,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 2048,
             max_seqs: 256,
             ping_pong: false,
+            kv_blocks: None,
         }
     }
 }
@@ -67,11 +72,41 @@ pub(crate) struct Active<B: Backend, Q> {
     pub(crate) request: Q,
     pub(crate) state: SequenceState<B>,
     rng: Rng,
-    /// Prompt tokens already in `state`.
+    /// Prompt tokens prefilled so far (never decreases: a preempted sequence recomputes its
+    /// state, but its prompt was already prefilled and counted once).
     pub(crate) prefilled: usize,
+    /// Prompt positions whose log-probability is recorded (so a recompute records none twice).
+    prompt_logged: usize,
+    /// Times this sequence was preempted.
+    pub(crate) preemptions: u32,
     /// Generated tokens (and log-probabilities) so far.
     pub(crate) out: Completion,
     pub(crate) done: bool,
+}
+
+impl<B: Backend, Q: Borrow<Request>> Active<B, Q> {
+    /// Tokens the sequence is made of so far: its prompt, then what it generated.
+    fn known(&self) -> usize {
+        self.request.borrow().prompt.len() + self.out.token_ids.len()
+    }
+
+    fn token(&self, i: usize) -> u32 {
+        let prompt = &self.request.borrow().prompt;
+        match prompt.get(i) {
+            Some(&t) => t,
+            None => self.out.token_ids[i - prompt.len()],
+        }
+    }
+
+    /// Feeds back its last generated token; everything before it is in the state.
+    fn decoding(&self) -> bool {
+        !self.out.token_ids.is_empty() && self.state.len() + 1 == self.known()
+    }
+
+    /// Tokens to feed before the next token can be sampled.
+    fn pending(&self) -> usize {
+        self.known() - self.state.len()
+    }
 }
 
 /// One micro-batch of a step: its sequences (indices into the active list), packed tokens,
@@ -102,26 +137,21 @@ impl StepPart {
             let r: &Request = a.request.borrow();
             let m = p.members.len();
             let start = p.tokens.len();
-            if a.prefilled == r.prompt.len() {
-                // A decoding sequence feeds back its last token (take is 1 then).
-                p.tokens.extend(a.out.token_ids.last().copied());
-                p.rows.push(start);
-                p.uses.push(RowUse::Next(m));
-            } else {
-                p.tokens
-                    .extend_from_slice(&r.prompt[a.prefilled..a.prefilled + take]);
-                let want_prompt_lp = r.echo && r.logprobs.is_some();
-                for j in 0..take {
-                    let pos = a.prefilled + j;
-                    if pos + 1 < r.prompt.len() {
-                        if want_prompt_lp {
-                            p.rows.push(start + j);
-                            p.uses.push(RowUse::Prompt(m, pos + 1));
-                        }
-                    } else if r.max_tokens > 0 {
+            // Prompt tokens, then (after a preemption) the generated ones being recomputed; a
+            // decoding sequence feeds back its last token.
+            let past = a.state.len();
+            let want_prompt_lp = r.echo && r.logprobs.is_some();
+            for j in 0..take {
+                let pos = past + j;
+                p.tokens.push(a.token(pos));
+                if pos + 1 < r.prompt.len() {
+                    if want_prompt_lp && pos + 1 > a.prompt_logged {
                         p.rows.push(start + j);
-                        p.uses.push(RowUse::Next(m));
+                        p.uses.push(RowUse::Prompt(m, pos + 1));
                     }
+                } else if pos + 1 == a.known() && r.max_tokens > 0 {
+                    p.rows.push(start + j);
+                    p.uses.push(RowUse::Next(m));
                 }
             }
             p.spans.push(SeqSpan {
@@ -232,7 +262,12 @@ impl<B: Backend> Engine<B> {
                 let Some(i) = waiting.pop_front() else { break };
                 active.push(self.start(i, &requests[i]));
             }
-            let shares = self.plan(&active);
+            let shares = self.plan(&mut active, self.config.kv_blocks);
+            if shares.is_empty() && active.iter().any(|a| !a.done) {
+                return Err(EngineError::Batch(
+                    "the KV block pool cannot hold the oldest running sequence".into(),
+                ));
+            }
             self.run(&mut active, &shares)?;
             for a in active.iter_mut().filter(|a| a.done) {
                 results[a.index] = Some(std::mem::replace(&mut a.out, empty_completion()));
@@ -265,39 +300,100 @@ impl<B: Backend> Engine<B> {
             state: self.model.new_sequence(),
             rng,
             prefilled: 0,
+            prompt_logged: 0,
+            preemptions: 0,
             out,
             done,
         }
     }
 
+    /// Drops `a`'s state (giving back its KV blocks); it will be recomputed from its prompt
+    /// and generated tokens, and then continues where it stopped.
+    pub(crate) fn preempt<Q>(&self, a: &mut Active<B, Q>) {
+        a.state = self.model.new_sequence();
+        a.preemptions += 1;
+    }
+
+    /// KV blocks `a` holds.
+    pub(crate) fn blocks_held<Q>(&self, a: &Active<B, Q>) -> usize {
+        self.model.kv_blocks_for(a.state.len())
+    }
+
     /// What the next step runs: `(active index, tokens)` for each sequence in it, decoding
-    /// sequences first, within the token budget. Empty when nothing is left to run.
-    pub(crate) fn plan<Q: Borrow<Request>>(&self, active: &[Active<B, Q>]) -> Vec<(usize, usize)> {
-        let decoding = |a: &Active<B, Q>| a.prefilled == a.request.borrow().prompt.len();
+    /// sequences first, within the token budget and `kv_blocks` (the blocks all of `active`
+    /// may hold; `None`: unbounded). Empty when nothing is left to run.
+    ///
+    /// When a sequence needs blocks that are not free, sequences admitted after it that are
+    /// not in this step are preempted, newest first (vLLM's recompute policy); if that is not
+    /// enough, a prefill takes the tokens that fit and a decode preempts itself. The oldest
+    /// sequence can therefore always progress, and any request whose whole context fits the
+    /// pool completes.
+    pub(crate) fn plan<Q: Borrow<Request>>(
+        &self,
+        active: &mut [Active<B, Q>],
+        kv_blocks: Option<usize>,
+    ) -> Vec<(usize, usize)> {
         // Decoding sequences first: each costs one token and must not wait behind prefills.
         let order: Vec<usize> = {
             let (dec, pre): (Vec<usize>, Vec<usize>) = (0..active.len())
                 .filter(|&i| !active[i].done)
-                .partition(|&i| decoding(&active[i]));
+                .partition(|&i| active[i].decoding());
             dec.into_iter().chain(pre).collect()
         };
-        // Tokens each sequence contributes this step, within the budget.
+        let held: usize = active.iter().map(|a| self.blocks_held(a)).sum();
+        let mut free = kv_blocks.map(|cap| cap.saturating_sub(held));
+        let mut scheduled = vec![false; active.len()];
         let mut budget = self.config.max_batch_tokens.max(1);
         let mut shares: Vec<(usize, usize)> = Vec::new();
         for ai in order {
             if budget == 0 {
                 break;
             }
-            let a = &active[ai];
-            let take = if decoding(a) {
-                usize::from(!a.out.token_ids.is_empty())
+            let decoding = active[ai].decoding();
+            let mut take = if decoding {
+                1
             } else {
-                (a.request.borrow().prompt.len() - a.prefilled).min(budget)
+                active[ai].pending().min(budget)
             };
-            if take > 0 {
-                budget -= take;
-                shares.push((ai, take));
+            if take == 0 {
+                continue;
             }
+            if let Some(free) = free.as_mut() {
+                let past = active[ai].state.len();
+                let need = |take: usize| {
+                    self.model.kv_blocks_for(past + take) - self.model.kv_blocks_for(past)
+                };
+                // Newest first: those admitted after `ai` and not in this step.
+                let mut victim = active.len();
+                while need(take) > *free {
+                    let Some(v) = (ai + 1..victim)
+                        .rev()
+                        .find(|&v| !scheduled[v] && self.blocks_held(&active[v]) > 0)
+                    else {
+                        break;
+                    };
+                    *free += self.blocks_held(&active[v]);
+                    self.preempt(&mut active[v]);
+                    victim = v;
+                }
+                if need(take) > *free {
+                    if decoding {
+                        *free += self.blocks_held(&active[ai]);
+                        self.preempt(&mut active[ai]);
+                        continue;
+                    }
+                    while take > 0 && need(take) > *free {
+                        take -= 1;
+                    }
+                    if take == 0 {
+                        continue;
+                    }
+                }
+                *free -= need(take);
+            }
+            scheduled[ai] = true;
+            budget -= take;
+            shares.push((ai, take));
         }
         shares
     }
@@ -367,11 +463,10 @@ impl<B: Backend> Engine<B> {
         };
         let vocab = self.model.config().vocab_size;
         for (part, part_logits) in built.iter().zip(&logits) {
-            for (&ai, span) in part.members.iter().zip(&part.spans) {
+            for &ai in &part.members {
                 let a = &mut active[ai];
-                if a.prefilled < a.request.borrow().prompt.len() {
-                    a.prefilled += span.len;
-                }
+                let in_state = a.state.len().min(a.request.borrow().prompt.len());
+                a.prefilled = a.prefilled.max(in_state);
             }
             for (row_logits, u) in part_logits.chunks_exact(vocab).zip(&part.uses) {
                 match *u {
@@ -380,6 +475,7 @@ impl<B: Backend> Engine<B> {
                         let r: &Request = a.request.borrow();
                         let lp = log_softmax(row_logits);
                         let tok = r.prompt[i];
+                        a.prompt_logged = a.prompt_logged.max(i);
                         if let Some(v) = a.out.logprobs.as_mut() {
                             v.push(Some(PositionLogprobs {
                                 token_id: tok,

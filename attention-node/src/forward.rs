@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use myriad_kernels::{Backend, SeqSpan};
+use myriad_kernels::{Backend, KvCacheSpec, SeqSpan};
 use myriad_model::checkpoint::Checkpoint;
 use myriad_model::config::{LayerKind, ModelConfig};
 use myriad_model::moe::{ExpertExecutor, ExpertTicket};
@@ -66,6 +66,8 @@ pub struct Model<B: Backend> {
     backend: Arc<B>,
     weights: DenseWeights<B>,
     experts: Arc<dyn ExpertExecutor<B>>,
+    /// The block layout of every sequence's KV caches.
+    kv_spec: KvCacheSpec,
 }
 
 impl<B: Backend> Model<B> {
@@ -80,7 +82,38 @@ impl<B: Backend> Model<B> {
             backend,
             weights,
             experts,
+            kv_spec: KvCacheSpec::default(),
         }
+    }
+
+    /// Stores KV caches in blocks of `spec` (default: 32 tokens of f32).
+    pub fn with_kv_spec(mut self, spec: KvCacheSpec) -> Self {
+        self.kv_spec = spec;
+        self
+    }
+
+    pub fn kv_spec(&self) -> KvCacheSpec {
+        self.kv_spec
+    }
+
+    /// Full-attention layers (each holds its own blocks per sequence).
+    pub fn attention_layers(&self) -> usize {
+        self.config
+            .layer_kinds
+            .iter()
+            .filter(|k| **k == LayerKind::FullAttention)
+            .count()
+    }
+
+    /// KV blocks a sequence holding `tokens` tokens has, over all attention layers.
+    pub fn kv_blocks_for(&self, tokens: usize) -> usize {
+        self.attention_layers() * self.kv_spec.blocks_for(tokens)
+    }
+
+    /// Bytes of one KV block of one layer.
+    pub fn kv_block_bytes(&self) -> usize {
+        let d = attention_dims(&self.config);
+        self.kv_spec.block_bytes(d.num_kv_heads * d.head_dim)
     }
 
     /// Loads the dense weights of `ckpt`; routed experts run on `experts`.
@@ -117,9 +150,9 @@ impl<B: Backend> Model<B> {
                 LayerKind::LinearAttention => {
                     LayerState::DeltaNet(b.new_delta_state(&deltanet_dims(&self.config)))
                 }
-                LayerKind::FullAttention => {
-                    LayerState::Attention(b.new_kv_cache(&attention_dims(&self.config)))
-                }
+                LayerKind::FullAttention => LayerState::Attention(
+                    b.new_kv_cache(&attention_dims(&self.config), &self.kv_spec),
+                ),
             })
             .collect();
         SequenceState { layers, len: 0 }

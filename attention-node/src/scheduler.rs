@@ -3,11 +3,18 @@
 //! decodes (the engine's token budget), so a long prompt never freezes the streams already
 //! running; every generated token is streamed to its request as soon as its step ends.
 //!
-//! Admission is by memory: each request reserves the KV cache of its whole context (prompt +
-//! `max_tokens`, full-attention layers only) plus its fixed DeltaNet state, against a budget.
-//! Requests that do not fit wait in a bounded queue; past that, `submit` refuses with
+//! Memory is a pool of KV blocks (`kv_cache_bytes` over the model's block size, see
+//! `myriad_kernels::kv`): a sequence takes blocks as it grows, never for its whole context up
+//! front. A waiting request is admitted when the blocks its prompt needs (and those the
+//! running sequences need to reach their next token) fit with a headroom of 1% of the pool
+//! left free, so running decodes do not preempt at once; when a step still needs more, the
+//! engine preempts the newest sequences, which are recomputed later and finish with the same
+//! tokens (`Engine::plan`). Only a request whose whole context (prompt + `max_tokens`) could
+//! never fit the pool is refused ([`SubmitError::TooLarge`], naming the sizes). Requests that
+//! wait queue in a bounded queue; past that, `submit` refuses with
 //! [`SubmitError::Overloaded`] (the gateway's 429 with `Retry-After`). A request whose event
-//! receiver is dropped (the client went away) is cancelled at the next step and its state freed.
+//! receiver is dropped (the client went away) is cancelled at the next step and its blocks
+//! given back.
 
 use std::borrow::Borrow;
 use std::collections::VecDeque;
@@ -18,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use myriad_kernels::Backend;
+use myriad_kernels::{Backend, KvCacheSpec};
 use myriad_model::{LayerKind, ModelConfig};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
@@ -28,8 +35,8 @@ use crate::weights::{attention_dims, deltanet_dims};
 /// Scheduler limits.
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
-    /// Bytes of KV cache and DeltaNet state all running sequences may reserve together.
-    pub memory_budget_bytes: u64,
+    /// Bytes of the KV block pool all running sequences share (`--kv-cache-gb`).
+    pub kv_cache_bytes: u64,
     /// Requests that may wait for admission; more are refused.
     pub max_waiting: usize,
 }
@@ -37,7 +44,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
-            memory_budget_bytes: 4 << 30,
+            kv_cache_bytes: 4 << 30,
             max_waiting: 256,
         }
     }
@@ -52,16 +59,11 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// What a request still waiting or running when the scheduler is dropped hears.
 const SHUTTING_DOWN: &str = "the engine is shutting down";
 
-/// Bytes of per-sequence state a sequence of `context_tokens` tokens holds: f32 keys and
-/// values (`num_kv_heads × head_dim` each per token) in every full-attention layer, plus the
+/// Bytes of per-sequence state a sequence of `context_tokens` tokens holds with KV blocks of
+/// `spec`: the blocks of every full-attention layer (keys, values and their scales), plus the
 /// fixed DeltaNet conv inputs (`(conv_kernel − 1) × conv_dim`) and recurrent state
 /// (`num_v_heads × k_head_dim × v_head_dim`, f32) of every linear-attention layer.
-///
-/// This is what the scheduler reserves per request (with `context_tokens` = prompt +
-/// `max_tokens`, at most the model's context). It counts the values held, not allocator slack
-/// (a KV cache grows by doubling, so a cache may hold up to twice its values' size in
-/// capacity).
-pub fn sequence_bytes(config: &ModelConfig, context_tokens: usize) -> u64 {
+pub fn sequence_bytes(config: &ModelConfig, spec: &KvCacheSpec, context_tokens: usize) -> u64 {
     const F32: u64 = 4;
     let attention = attention_dims(config);
     let delta = deltanet_dims(config);
@@ -72,22 +74,56 @@ pub fn sequence_bytes(config: &ModelConfig, context_tokens: usize) -> u64 {
             LayerKind::LinearAttention => linear += 1,
         }
     }
-    let kv_per_token = 2 * attention.num_kv_heads as u64 * attention.head_dim as u64 * F32;
+    let block = spec.block_bytes(attention.num_kv_heads * attention.head_dim) as u64;
     let conv = delta.conv_kernel.saturating_sub(1) as u64 * delta.conv_dim() as u64;
     let recurrent = delta.num_v_heads as u64 * delta.k_head_dim as u64 * delta.v_head_dim as u64;
-    full.saturating_mul(kv_per_token)
-        .saturating_mul(context_tokens as u64)
+    full.saturating_mul(block)
+        .saturating_mul(spec.blocks_for(context_tokens) as u64)
         .saturating_add(linear.saturating_mul((conv + recurrent).saturating_mul(F32)))
 }
 
-/// The context a request reserves for: its prompt and every token it may generate, but never
+/// The context a request may reach: its prompt and every token it may generate, but never
 /// more than the model's context, where generation stops anyway.
-fn reserved_tokens(request: &Request, max_context: usize) -> usize {
+fn context_tokens(request: &Request, max_context: usize) -> usize {
     request
         .prompt
         .len()
         .saturating_add(request.max_tokens)
         .min(max_context)
+}
+
+/// The block pool as the handle and the thread see it.
+#[derive(Clone, Copy, Debug)]
+struct Pool {
+    /// Blocks in the pool.
+    blocks: usize,
+    /// Bytes of one block of one layer.
+    block_bytes: usize,
+    /// Blocks of one layer per block of tokens: the model's full-attention layers.
+    layers: usize,
+    spec: KvCacheSpec,
+    /// Blocks admission leaves free for running sequences to grow into.
+    headroom: usize,
+}
+
+impl Pool {
+    fn new<B: Backend>(engine: &Engine<B>, bytes: u64) -> Pool {
+        let model = engine.model();
+        let block_bytes = model.kv_block_bytes().max(1);
+        let blocks = usize::try_from(bytes / block_bytes as u64).unwrap_or(usize::MAX);
+        Pool {
+            blocks,
+            block_bytes,
+            layers: model.attention_layers(),
+            spec: model.kv_spec(),
+            headroom: blocks / 100,
+        }
+    }
+
+    /// Blocks a sequence of `tokens` tokens holds.
+    fn blocks_for(&self, tokens: usize) -> usize {
+        self.layers.saturating_mul(self.spec.blocks_for(tokens))
+    }
 }
 
 /// The engine as `submit` sees it: request checks only, so [`Scheduler`] need not be generic
@@ -107,7 +143,9 @@ impl<B: Backend> Validate for Engine<B> {
 #[derive(Clone, Copy, Debug, Default)]
 struct Counters {
     running: usize,
-    reserved_bytes: u64,
+    /// KV blocks the running sequences hold.
+    kv_blocks: usize,
+    preemptions: u64,
     steps: u64,
     prompt_tokens: u64,
     generated_tokens: u64,
@@ -131,12 +169,11 @@ impl Shared {
     }
 }
 
-/// A submitted request on the scheduler thread: the request, where its events go, what it
-/// reserved and how much of its output has been sent.
+/// A submitted request on the scheduler thread: the request, where its events go and how much
+/// of its output has been sent.
 struct Job {
     request: Request,
     events: UnboundedSender<Event>,
-    bytes: u64,
     sent_prompt_logprobs: bool,
     sent_tokens: usize,
     /// Prompt tokens already added to the `prompt_tokens` counter.
@@ -162,6 +199,7 @@ pub struct Scheduler {
     engine: Arc<dyn Validate>,
     model: ModelConfig,
     config: SchedulerConfig,
+    pool: Pool,
     next_id: AtomicU64,
     thread: Option<JoinHandle<()>>,
 }
@@ -178,7 +216,7 @@ impl Scheduler {
         let (tx, rx) = mpsc::channel();
         let worker_engine = engine.clone();
         let worker_shared = shared.clone();
-        let budget = config.memory_budget_bytes;
+        let pool = Pool::new(&engine, config.kv_cache_bytes);
         let spawned = std::thread::Builder::new()
             .name("myriad-scheduler".into())
             .spawn(move || {
@@ -186,7 +224,7 @@ impl Scheduler {
                     engine: worker_engine,
                     jobs: rx,
                     shared: worker_shared,
-                    budget,
+                    pool,
                     waiting: VecDeque::new(),
                     active: Vec::new(),
                     counters: Counters::default(),
@@ -204,6 +242,7 @@ impl Scheduler {
             model: engine.model().config().clone(),
             engine,
             config,
+            pool,
             next_id: AtomicU64::new(1),
             thread,
         }
@@ -213,12 +252,15 @@ impl Scheduler {
         &self.config
     }
 
-    /// Bytes `request` would reserve while it runs (see [`sequence_bytes`]).
-    pub fn reservation(&self, request: &Request) -> u64 {
-        sequence_bytes(
-            &self.model,
-            reserved_tokens(request, self.model.max_position_embeddings),
-        )
+    /// KV blocks in the pool.
+    pub fn kv_blocks_total(&self) -> usize {
+        self.pool.blocks
+    }
+
+    /// KV blocks `request` holds at its longest (prompt + `max_tokens`).
+    pub fn context_blocks(&self, request: &Request) -> usize {
+        self.pool
+            .blocks_for(context_tokens(request, self.model.max_position_embeddings))
     }
 
     fn reject(&self, error: SubmitError) -> SubmitError {
@@ -236,14 +278,22 @@ impl Generate for Scheduler {
         if let Err(message) = self.engine.validate(&request) {
             return Err(self.reject(SubmitError::Invalid(message)));
         }
-        let tokens = reserved_tokens(&request, self.model.max_position_embeddings);
-        let bytes = sequence_bytes(&self.model, tokens);
-        let budget = self.config.memory_budget_bytes;
-        if bytes > budget {
+        let tokens = context_tokens(&request, self.model.max_position_embeddings);
+        let blocks = self.pool.blocks_for(tokens);
+        if blocks > self.pool.blocks {
+            let p = &self.pool;
             return Err(self.reject(SubmitError::TooLarge(format!(
-                "the request needs {bytes} bytes of sequence state for {tokens} tokens of \
-                 context (prompt + max_tokens), more than the whole memory budget of {budget} \
-                 bytes"
+                "the request's context of {tokens} tokens (prompt {} + max_tokens {}) needs \
+                 {blocks} KV blocks ({} attention layers × {} blocks of {} tokens, {} bytes), \
+                 more than the whole KV cache of {} blocks ({} bytes)",
+                request.prompt.len(),
+                request.max_tokens,
+                p.layers,
+                p.spec.blocks_for(tokens),
+                p.spec.block_tokens,
+                blocks as u64 * p.block_bytes as u64,
+                p.blocks,
+                p.blocks as u64 * p.block_bytes as u64,
             ))));
         }
         let max_waiting = self.config.max_waiting;
@@ -264,7 +314,6 @@ impl Generate for Scheduler {
         let job = Job {
             request,
             events,
-            bytes,
             sent_prompt_logprobs: false,
             sent_tokens: 0,
             counted_prompt: 0,
@@ -285,8 +334,11 @@ impl Generate for Scheduler {
         SchedulerStats {
             running: c.running,
             waiting: self.shared.waiting.load(Ordering::Acquire),
-            reserved_bytes: c.reserved_bytes,
-            memory_budget_bytes: self.config.memory_budget_bytes,
+            reserved_bytes: c.kv_blocks as u64 * self.pool.block_bytes as u64,
+            memory_budget_bytes: self.pool.blocks as u64 * self.pool.block_bytes as u64,
+            kv_blocks_used: c.kv_blocks as u64,
+            kv_blocks_total: self.pool.blocks as u64,
+            preemptions: c.preemptions,
             steps: c.steps,
             prompt_tokens: c.prompt_tokens,
             generated_tokens: c.generated_tokens,
@@ -316,7 +368,7 @@ struct Worker<B: Backend> {
     engine: Arc<Engine<B>>,
     jobs: Receiver<Job>,
     shared: Arc<Shared>,
-    budget: u64,
+    pool: Pool,
     /// Received, not yet admitted, in arrival order.
     waiting: VecDeque<Job>,
     active: Vec<Active<B, Job>>,
@@ -372,29 +424,45 @@ impl<B: Backend> Worker<B> {
             let keep = !a.request.events.is_closed();
             if !keep {
                 counters.cancelled += 1;
-                counters.reserved_bytes -= a.request.bytes;
             }
             keep
         });
     }
 
-    /// Starts waiting requests in arrival order while sequences and memory allow. The queue
-    /// is strictly FIFO: a large request at its head is not overtaken by smaller ones, so it
-    /// cannot starve.
+    /// Starts waiting requests in arrival order while sequences and blocks allow: the blocks
+    /// the running sequences need to reach their next token, plus those of the front
+    /// request's prompt, plus the headroom, must fit the pool (with nothing running, the
+    /// request alone must). The queue is strictly FIFO: a large request at its head is not
+    /// overtaken by smaller ones, so it cannot starve.
     fn admit(&mut self) {
         let max_seqs = self.engine.config().max_seqs.max(1);
+        let committed: usize = self
+            .active
+            .iter()
+            .map(|a| {
+                self.pool
+                    .blocks_for(a.request.request.prompt.len() + a.out.token_ids.len())
+            })
+            .sum();
+        let mut committed = committed;
         while self.active.len() < max_seqs {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            if self.counters.reserved_bytes.saturating_add(front.bytes) > self.budget {
+            let need = self.pool.blocks_for(front.request.prompt.len() + 1);
+            let headroom = if self.active.is_empty() {
+                0
+            } else {
+                self.pool.headroom
+            };
+            if committed + need + headroom > self.pool.blocks {
                 break;
             }
             let Some(job) = self.waiting.pop_front() else {
                 break;
             };
             self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
-            self.counters.reserved_bytes += job.bytes;
+            committed += need;
             // The index is `generate`'s name for a sequence; jobs carry their own channel.
             self.active.push(self.engine.start(0, job));
         }
@@ -404,7 +472,10 @@ impl<B: Backend> Worker<B> {
     /// token budget). If it fails, its sequences are failed and dropped (their state may be
     /// half-updated); sequences outside it are untouched and go on.
     fn step(&mut self) {
-        let shares = self.engine.plan(&self.active);
+        let before: u64 = self.active.iter().map(|a| u64::from(a.preemptions)).sum();
+        let shares = self.engine.plan(&mut self.active, Some(self.pool.blocks));
+        let after: u64 = self.active.iter().map(|a| u64::from(a.preemptions)).sum();
+        self.counters.preemptions += after - before;
         if shares.is_empty() {
             return;
         }
@@ -424,15 +495,8 @@ impl<B: Backend> Worker<B> {
             // A receiver that is gone needs no message.
             let _ = self.active[ai].request.events.send(Event::Failed(message));
         }
-        let counters = &mut self.counters;
         let mut flags = failed.into_iter();
-        self.active.retain(|a| {
-            let keep = !flags.next().unwrap_or(false);
-            if !keep {
-                counters.reserved_bytes -= a.request.bytes;
-            }
-            keep
-        });
+        self.active.retain(|_| !flags.next().unwrap_or(false));
     }
 
     /// Streams what every running request produced since the last step and retires the
@@ -444,16 +508,13 @@ impl<B: Backend> Worker<B> {
             if !delivered {
                 counters.cancelled += 1;
             }
-            let keep = delivered && !a.done;
-            if !keep {
-                counters.reserved_bytes -= a.request.bytes;
-            }
-            keep
+            delivered && !a.done
         });
     }
 
     fn publish(&mut self) {
         self.counters.running = self.active.len();
+        self.counters.kv_blocks = self.active.iter().map(|a| self.engine.blocks_held(a)).sum();
         *self.shared.counters() = self.counters;
     }
 
@@ -470,7 +531,6 @@ impl<B: Backend> Worker<B> {
         for a in self.active.drain(..) {
             failed(&a.request.events);
         }
-        self.counters.reserved_bytes = 0;
         self.publish();
     }
 }

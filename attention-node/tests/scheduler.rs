@@ -470,20 +470,18 @@ fn long_prompt_is_prefilled_between_tokens_of_running_streams() {
 
 #[test]
 fn dropping_a_submission_cancels_it() {
-    let m = load(EngineConfig::default());
+    // One sequence at a time: B waits while A runs.
+    let m = load(EngineConfig {
+        max_seqs: 1,
+        ..EngineConfig::default()
+    });
     let a = long(prompt(30, 6), 1000);
     let b = long(prompt(31, 6), 1000);
-    let bytes = sequence_bytes(&m.config, a.prompt.len() + a.max_tokens);
-    // Room for exactly one of them: B waits while A runs.
-    let s = Scheduler::start(
-        m.engine.clone(),
-        SchedulerConfig {
-            memory_budget_bytes: bytes,
-            max_waiting: 4,
-        },
-    );
+    let s = Scheduler::start(m.engine.clone(), SchedulerConfig::default());
     let _open = OpenGate(&m.experts);
-    assert_eq!(s.reservation(&a), bytes);
+    // What A holds after its prompt and first tokens: its attention layers' first blocks.
+    let held = m.engine.model().kv_blocks_for(a.prompt.len() + 1) as u64;
+    let bytes = held * m.engine.model().kv_block_bytes() as u64;
     m.experts.permit(Some(2));
     let mut sa = Stream::new(s.submit(a.clone()).unwrap());
     sa.next();
@@ -491,6 +489,7 @@ fn dropping_a_submission_cancels_it() {
     let sb = Stream::new(s.submit(b).unwrap());
     let st = s.stats();
     assert_eq!((st.running, st.waiting, st.reserved_bytes), (1, 1, bytes));
+    assert_eq!(st.kv_blocks_used, held);
     // A waiting request whose client left is dropped before it is ever prefilled.
     drop(sb);
     m.experts.permit(Some(1));
@@ -502,6 +501,7 @@ fn dropping_a_submission_cancels_it() {
     m.experts.permit(None);
     let st = wait_stats(&s, "A cancelled", |st| st.cancelled == 2);
     assert_eq!((st.running, st.waiting, st.reserved_bytes), (0, 0, 0));
+    assert_eq!(m.engine.model().backend().kv_blocks_live(), 0);
     assert_eq!(st.prompt_tokens, a.prompt.len() as u64);
     assert!(st.generated_tokens >= 2);
     // The scheduler keeps serving.
@@ -512,19 +512,24 @@ fn dropping_a_submission_cancels_it() {
 }
 
 #[test]
-fn admission_is_bounded_by_memory_and_queue() {
+fn admission_is_bounded_by_blocks_and_queue() {
     let m = load(EngineConfig::default());
-    // Equal sizes, room for two at a time: the others wait, first come first served.
+    // Equal sizes, blocks for two prompts at a time: the others wait, first come first served.
     let requests: Vec<Request> = (0..5)
         .map(|i| Request::greedy(prompt(40 + i, 6), 5))
         .collect();
     let expected = m.engine.generate(&requests).unwrap();
-    let one = sequence_bytes(&m.config, 6 + 5);
+    let block_bytes = m.engine.model().kv_block_bytes() as u64;
+    let one = m.engine.model().kv_blocks_for(6 + 5) as u64 * block_bytes;
+    assert_eq!(
+        one,
+        m.engine.model().kv_blocks_for(6 + 1) as u64 * block_bytes
+    );
     let budget = 2 * one;
     let s = Scheduler::start(
         m.engine.clone(),
         SchedulerConfig {
-            memory_budget_bytes: budget,
+            kv_cache_bytes: budget,
             max_waiting: 16,
         },
     );
@@ -554,14 +559,18 @@ fn admission_is_bounded_by_memory_and_queue() {
     }
     drop(s);
 
-    // The waiting queue is bounded: two long requests fill the memory, two more wait, the
-    // next is refused.
+    // The waiting queue is bounded: two long requests fill the sequence slots, two more
+    // wait, the next is refused.
+    let m = load(EngineConfig {
+        max_seqs: 2,
+        ..EngineConfig::default()
+    });
     let a = long(prompt(50, 4), 1000);
-    let budget = 2 * sequence_bytes(&m.config, 4 + 1000);
+    let budget = 2 * sequence_bytes(&m.config, &m.engine.model().kv_spec(), 4 + 1000);
     let s = Scheduler::start(
         m.engine.clone(),
         SchedulerConfig {
-            memory_budget_bytes: budget,
+            kv_cache_bytes: budget,
             max_waiting: 2,
         },
     );
@@ -592,12 +601,15 @@ fn admission_is_bounded_by_memory_and_queue() {
     }
     // A request that could never fit, even alone.
     let huge = Request::greedy(prompt(52, 4), 4000);
-    let need = s.reservation(&huge);
-    assert!(need > budget);
+    let need = s.context_blocks(&huge);
+    let total = s.kv_blocks_total();
+    assert!(need > total);
     match s.submit(huge) {
         Err(SubmitError::TooLarge(msg)) => {
             assert!(
-                msg.contains(&need.to_string()) && msg.contains(&budget.to_string()),
+                msg.contains(&format!("needs {need} KV blocks"))
+                    && msg.contains(&format!("{total} blocks"))
+                    && msg.contains("4004 tokens"),
                 "{msg}"
             );
         }
@@ -655,17 +667,14 @@ fn a_failed_step_fails_its_requests_and_serving_goes_on() {
 
 #[test]
 fn dropping_the_scheduler_fails_pending_requests() {
-    let m = load(EngineConfig::default());
+    let m = load(EngineConfig {
+        max_seqs: 1,
+        ..EngineConfig::default()
+    });
     let a = long(prompt(70, 4), 1000);
-    let s = Scheduler::start(
-        m.engine.clone(),
-        SchedulerConfig {
-            memory_budget_bytes: s_bytes(&m.config, &a),
-            max_waiting: 4,
-        },
-    );
+    let s = Scheduler::start(m.engine.clone(), SchedulerConfig::default());
     let _open = OpenGate(&m.experts);
-    // A runs one step and is held at the start of its second; B waits for memory.
+    // A runs one step and is held at the start of its second; B waits for a slot.
     m.experts.permit(Some(1));
     let mut running = Stream::new(s.submit(a.clone()).unwrap());
     running.next();
@@ -687,39 +696,45 @@ fn dropping_the_scheduler_fails_pending_requests() {
     }
 }
 
-/// The reservation formula counts exactly the values a sequence's state holds.
+/// The state formula counts exactly the blocks and values a sequence's state holds.
 #[test]
 fn sequence_bytes_is_the_state_a_sequence_holds() {
     let m = load(EngineConfig::default());
     let model = m.engine.model();
     let backend = model.backend();
-    let tokens = prompt(80, 10);
-    let mut seq = model.new_sequence();
-    let span = SeqSpan {
-        start: 0,
-        len: tokens.len(),
-        past: 0,
-    };
-    model
-        .forward(&tokens, &[span], &mut [&mut seq], &[], None)
-        .unwrap();
-    let values: usize = seq
-        .layers()
-        .iter()
-        .map(|l| match l {
-            LayerState::DeltaNet(d) => {
-                let h = backend.delta_state_to_host(d);
-                h.conv.len() + h.recurrent.len()
-            }
-            LayerState::Attention(c) => {
-                let h = backend.kv_cache_to_host(c);
-                h.keys.len() + h.values.len()
-            }
-        })
-        .sum();
-    assert_eq!(sequence_bytes(&m.config, tokens.len()), 4 * values as u64);
-}
-
-fn s_bytes(config: &ModelConfig, r: &Request) -> u64 {
-    sequence_bytes(config, r.prompt.len() + r.max_tokens)
+    let spec = model.kv_spec();
+    for len in [1, 10, spec.block_tokens, spec.block_tokens + 1] {
+        let tokens = prompt(80, len);
+        let mut seq = model.new_sequence();
+        let span = SeqSpan {
+            start: 0,
+            len: tokens.len(),
+            past: 0,
+        };
+        model
+            .forward(&tokens, &[span], &mut [&mut seq], &[], None)
+            .unwrap();
+        let bytes: usize = seq
+            .layers()
+            .iter()
+            .map(|l| match l {
+                LayerState::DeltaNet(d) => {
+                    let h = backend.delta_state_to_host(d);
+                    4 * (h.conv.len() + h.recurrent.len())
+                }
+                LayerState::Attention(c) => {
+                    let h = backend.kv_cache_to_host(c);
+                    assert_eq!(h.len, len);
+                    backend.kv_cache_blocks(c) * model.kv_block_bytes()
+                }
+            })
+            .sum();
+        assert_eq!(
+            sequence_bytes(&m.config, &spec, len),
+            bytes as u64,
+            "{len} tokens"
+        );
+        assert_eq!(backend.kv_blocks_live(), model.kv_blocks_for(len));
+    }
+    assert_eq!(backend.kv_blocks_live(), 0);
 }

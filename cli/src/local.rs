@@ -24,6 +24,8 @@ pub struct LocalOptions {
     /// Rounding of weight-matmul inputs.
     pub precision: Precision,
     pub engine: EngineConfig,
+    /// How sequences store their KV caches.
+    pub kv: myriad_kernels::KvCacheSpec,
 }
 
 /// A loaded engine and what it was built from.
@@ -63,7 +65,8 @@ pub fn load_with(
         &ckpt,
         experts.executor.clone(),
     )
-    .context("loading dense weights")?;
+    .context("loading dense weights")?
+    .with_kv_spec(opts.kv);
     let mut engine_config = opts.engine.clone();
     engine_config.ping_pong |= cluster.ping_pong;
     let engine = Arc::new(Engine::new(

@@ -3,6 +3,7 @@
 use clap::Args;
 use myriad_attention::EngineConfig;
 use myriad_kernels::cpu::{Isa, Precision};
+use myriad_kernels::{KvCacheSpec, KvDtype};
 
 use crate::local::LocalOptions;
 
@@ -24,6 +25,19 @@ pub struct RuntimeArgs {
     /// Most sequences decoding at once.
     #[arg(long, default_value_t = 256)]
     pub max_seqs: usize,
+    /// Element type of stored keys and values: f32, bf16 or fp8_e4m3 (with a scale per
+    /// block). Default: follows --precision (f32 stays exact against the reference).
+    #[arg(long, value_parser = parse_kv_dtype)]
+    pub kv_cache_dtype: Option<KvDtype>,
+    /// Tokens per KV block: a sequence takes blocks of this many tokens as it grows.
+    #[arg(long, default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub kv_block_tokens: u32,
+}
+
+fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
+    KvDtype::parse(s)
+        .ok_or_else(|| format!("unknown KV cache dtype {s:?}: use f32, bf16 or fp8_e4m3"))
 }
 
 fn parse_precision(s: &str) -> Result<Precision, String> {
@@ -45,6 +59,14 @@ impl RuntimeArgs {
                 max_batch_tokens: self.max_batch_tokens.max(1),
                 max_seqs: self.max_seqs.max(1),
                 ping_pong: false,
+                kv_blocks: None,
+            },
+            kv: KvCacheSpec {
+                block_tokens: self.kv_block_tokens as usize,
+                dtype: self.kv_cache_dtype.unwrap_or(match self.precision {
+                    Precision::F32 => KvDtype::F32,
+                    Precision::Bf16 => KvDtype::BF16,
+                }),
             },
         }
     }

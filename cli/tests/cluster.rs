@@ -39,6 +39,8 @@ fn launch(dir: &Path, nodes: usize, replicas: usize) -> Cluster {
             precision: Default::default(),
             max_batch_tokens: 2048,
             max_seqs: 256,
+            kv_cache_dtype: None,
+            kv_block_tokens: 32,
         },
     };
     start_cluster(Path::new(env!("CARGO_BIN_EXE_myriad")), dir, &args).unwrap()

@@ -57,8 +57,14 @@ pub struct Submission {
 pub struct SchedulerStats {
     pub running: usize,
     pub waiting: usize,
+    /// Bytes of the KV blocks the running sequences hold.
     pub reserved_bytes: u64,
+    /// Bytes of the KV block pool.
     pub memory_budget_bytes: u64,
+    pub kv_blocks_used: u64,
+    pub kv_blocks_total: u64,
+    /// Sequences preempted (state dropped, recomputed later) since start.
+    pub preemptions: u64,
     pub steps: u64,
     pub prompt_tokens: u64,
     pub generated_tokens: u64,

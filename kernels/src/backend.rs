@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use crate::KernelError;
+use crate::kv::KvCacheSpec;
 use myriad_wire::Routes;
 
 /// Storage type of a weight matrix as a checkpoint provides it (after loader conversion).
@@ -227,6 +228,25 @@ pub struct KvCacheHost {
     pub values: Vec<f32>,
 }
 
+/// One stored KV block as bytes: keys then values, each `[block_tokens, kv_heads, head_dim]`
+/// little-endian elements of the cache's [`KvDtype`](crate::KvDtype) (unused slots zero), and
+/// the scales that turn stored values into actual ones.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvBlockHost {
+    pub key_scale: f32,
+    pub value_scale: f32,
+    pub data: Vec<u8>,
+}
+
+/// An attention layer's KV cache as stored: its layout, length and blocks (what a state
+/// transfer or a prefix cache moves, without decoding).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvBlocksHost {
+    pub spec: KvCacheSpec,
+    pub len: usize,
+    pub blocks: Vec<KvBlockHost>,
+}
+
 /// A compute device. All tensors are f32 row-major `[rows, cols]`.
 ///
 /// Shapes of tensors that model code passes between calls are invariants of the model code:
@@ -239,7 +259,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type Matrix: Send + Sync + 'static;
     /// One DeltaNet layer's state for one sequence.
     type DeltaState: Send + Sync + 'static;
-    /// One attention layer's KV cache for one sequence.
+    /// One attention layer's paged KV cache for one sequence.
     type KvCache: Send + Sync + 'static;
 
     /// Human-readable device name (e.g. "cpu (avx512, 2 threads)").
@@ -307,7 +327,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     // ---- mixers --------------------------------------------------------------------------
 
     fn new_delta_state(&self, dims: &DeltaNetDims) -> Self::DeltaState;
-    fn new_kv_cache(&self, dims: &AttentionDims) -> Self::KvCache;
+    /// An empty KV cache that takes blocks of `spec` as it grows.
+    fn new_kv_cache(&self, dims: &AttentionDims, spec: &KvCacheSpec) -> Self::KvCache;
+    /// KV blocks alive across every cache of this backend (what the block pool really holds).
+    fn kv_blocks_live(&self) -> usize;
 
     /// The Gated DeltaNet mixer up to (not including) `out_proj`: causal conv with carried
     /// state, SiLU, q/k L2 norm, gates, the delta rule (recurrent for one token, chunked for
@@ -359,12 +382,25 @@ pub trait Backend: Send + Sync + Sized + 'static {
         dims: &DeltaNetDims,
         host: &DeltaStateHost,
     ) -> Result<Self::DeltaState, KernelError>;
+    /// Every key and value, decoded to f32.
     fn kv_cache_to_host(&self, c: &Self::KvCache) -> KvCacheHost;
+    /// A cache of `spec` holding `host`'s keys and values (encoded to `spec`'s dtype).
     fn kv_cache_from_host(
         &self,
         dims: &AttentionDims,
+        spec: &KvCacheSpec,
         host: &KvCacheHost,
     ) -> Result<Self::KvCache, KernelError>;
+    /// The blocks as stored, without decoding.
+    fn kv_cache_export(&self, c: &Self::KvCache) -> KvBlocksHost;
+    /// A cache holding exported blocks; they must fit `dims` and carry a consistent length.
+    fn kv_cache_import(
+        &self,
+        dims: &AttentionDims,
+        host: &KvBlocksHost,
+    ) -> Result<Self::KvCache, KernelError>;
+    /// Blocks a KV cache holds.
+    fn kv_cache_blocks(&self, c: &Self::KvCache) -> usize;
     /// Tokens held by a KV cache.
     fn kv_cache_len(&self, c: &Self::KvCache) -> usize;
     /// Drops cached tokens past `len` (speculation rollback, shared-prefix reuse).

@@ -13,13 +13,16 @@
 pub mod backend;
 pub mod cpu;
 mod error;
+pub mod kv;
 pub mod probe;
 pub mod rope;
 
 pub use backend::{
     AttentionDims, AttentionLayer, Backend, DeltaNetDims, DeltaNetLayer, DeltaStateHost,
-    ExpertMatrices, HostMatrix, KvCacheHost, MatrixUse, SeqSpan, WeightDtype, YarnScaling,
+    ExpertMatrices, HostMatrix, KvBlockHost, KvBlocksHost, KvCacheHost, MatrixUse, SeqSpan,
+    WeightDtype, YarnScaling,
 };
 pub use error::KernelError;
+pub use kv::{KvCacheSpec, KvDtype};
 /// Routes are a node-to-node contract: defined in `myriad-wire`, the kernels consume them.
 pub use myriad_wire::Routes;

@@ -7,8 +7,8 @@
 use half::bf16;
 use myriad_kernels::cpu::{CpuBackend, CpuMatrix, Isa};
 use myriad_kernels::{
-    AttentionDims, AttentionLayer, Backend, ExpertMatrices, HostMatrix, KernelError, MatrixUse,
-    Routes, SeqSpan, WeightDtype,
+    AttentionDims, AttentionLayer, Backend, ExpertMatrices, HostMatrix, KernelError, KvCacheSpec,
+    KvDtype, MatrixUse, Routes, SeqSpan, WeightDtype,
 };
 
 fn pseudo(i: usize, salt: u32) -> f32 {
@@ -180,9 +180,8 @@ fn naive_attention(d: &AttentionDims, proj: &[f32], n: usize) -> Vec<f32> {
     out
 }
 
-#[test]
-fn attention_prefill_and_decode_match_plain_causal_softmax() {
-    let d = AttentionDims {
+fn small_attention_dims() -> AttentionDims {
+    AttentionDims {
         num_heads: 4,
         num_kv_heads: 2,
         head_dim: 32,
@@ -190,48 +189,169 @@ fn attention_prefill_and_decode_match_plain_causal_softmax() {
         rope_theta: 10_000.0,
         yarn: None,
         norm_eps: 1e-6,
+    }
+}
+
+/// Runs `proj` through one sequence's attention in the given `(start, len)` pieces on a cache
+/// of `spec`; returns the outputs in order and the cache.
+fn run_attention_pieces(
+    b: &CpuBackend,
+    d: &AttentionDims,
+    spec: &KvCacheSpec,
+    proj: &[f32],
+    pieces: &[(usize, usize)],
+) -> (Vec<f32>, <CpuBackend as Backend>::KvCache) {
+    let layer = AttentionLayer::<CpuBackend> {
+        dims: *d,
+        q_norm: b.upload(1, d.head_dim, &vec![1.0; d.head_dim]).unwrap(),
+        k_norm: b.upload(1, d.head_dim, &vec![1.0; d.head_dim]).unwrap(),
     };
+    let mut cache = b.new_kv_cache(d, spec);
+    let mut got = Vec::new();
+    for &(start, len) in pieces {
+        let p = b
+            .upload(
+                len,
+                d.proj_dim(),
+                &proj[start * d.proj_dim()..(start + len) * d.proj_dim()],
+            )
+            .unwrap();
+        let mut o = b.zeros(len, d.out_dim());
+        b.gated_attention(
+            &layer,
+            &p,
+            &[SeqSpan {
+                start: 0,
+                len,
+                past: start,
+            }],
+            &mut [&mut cache],
+            &mut o,
+        );
+        got.extend(b.download(&o));
+    }
+    (got, cache)
+}
+
+fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn attention_prefill_and_decode_match_plain_causal_softmax() {
+    let d = small_attention_dims();
     let n = 300; // crosses the 64-query and 256-key blocks of the prefill path
     let proj: Vec<f32> = (0..n * d.proj_dim()).map(|i| 2.0 * pseudo(i, 9)).collect();
     let want = naive_attention(&d, &proj, n);
+    // Prefill 200 tokens, one decode step, a short multi-token step (direct path), then a
+    // chunk of 96: every path is exercised.
+    let pieces = [(0usize, 200usize), (200, 1), (201, 3), (204, 96)];
     for isa in Isa::available() {
         let b = CpuBackend::with_isa(2, isa);
-        let layer = AttentionLayer::<CpuBackend> {
-            dims: d,
-            q_norm: b.upload(1, d.head_dim, &vec![1.0; d.head_dim]).unwrap(),
-            k_norm: b.upload(1, d.head_dim, &vec![1.0; d.head_dim]).unwrap(),
-        };
-        // Prefill 200 tokens, one decode step, then a chunk of 99: every path is exercised.
-        let mut cache = b.new_kv_cache(&d);
-        let mut got = Vec::new();
-        for (start, len) in [(0usize, 200usize), (200, 1), (201, 99)] {
-            let p = b
-                .upload(
-                    len,
-                    d.proj_dim(),
-                    &proj[start * d.proj_dim()..(start + len) * d.proj_dim()],
-                )
-                .unwrap();
-            let mut o = b.zeros(len, d.out_dim());
-            b.gated_attention(
-                &layer,
-                &p,
-                &[SeqSpan {
-                    start: 0,
-                    len,
-                    past: start,
-                }],
-                &mut [&mut cache],
-                &mut o,
-            );
-            got.extend(b.download(&o));
-        }
+        let (got, cache) = run_attention_pieces(&b, &d, &KvCacheSpec::default(), &proj, &pieces);
         assert_eq!(b.kv_cache_len(&cache), n);
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let worst = max_difference(&got, &want);
         assert!(worst < 2e-5, "{isa:?}: max difference {worst}");
     }
+}
+
+/// f32 blocks of any size give bit-for-bit the same result (one block of 4096 tokens is the
+/// old contiguous cache), and blocks are taken as the cache grows and given back.
+#[test]
+fn paged_attention_is_independent_of_the_block_size() {
+    let d = small_attention_dims();
+    let n = 300;
+    let proj: Vec<f32> = (0..n * d.proj_dim()).map(|i| 2.0 * pseudo(i, 5)).collect();
+    let pieces = [
+        (0usize, 37usize),
+        (37, 1),
+        (38, 1),
+        (39, 200),
+        (239, 5),
+        (244, 56),
+    ];
+    let b = CpuBackend::new(2);
+    let spec = |block_tokens| KvCacheSpec {
+        block_tokens,
+        dtype: KvDtype::F32,
+    };
+    let (want, _) = run_attention_pieces(&b, &d, &spec(4096), &proj, &pieces);
+    for bt in [1usize, 7, 16, 32, 300, 301] {
+        let (got, mut cache) = run_attention_pieces(&b, &d, &spec(bt), &proj, &pieces);
+        assert_eq!(got, want, "blocks of {bt} tokens");
+        assert_eq!(b.kv_cache_blocks(&cache), n.div_ceil(bt));
+        assert_eq!(b.kv_blocks_live(), n.div_ceil(bt));
+        b.kv_cache_truncate(&mut cache, 10);
+        assert_eq!(b.kv_cache_blocks(&cache), 10usize.div_ceil(bt));
+        assert_eq!(b.kv_blocks_live(), 10usize.div_ceil(bt));
+        drop(cache);
+        assert_eq!(b.kv_blocks_live(), 0);
+    }
+}
+
+/// bf16 and fp8 blocks stay within their rounding of the exact result, through prefill and
+/// decode, with blocks that fill and rescale as tokens arrive one by one.
+#[test]
+fn low_precision_kv_stays_close_to_f32() {
+    let d = small_attention_dims();
+    let n = 120;
+    // Later tokens are larger, so fp8 blocks must widen their scale as they fill.
+    let proj: Vec<f32> = (0..n * d.proj_dim())
+        .map(|i| (1.0 + 3.0 * (i / d.proj_dim()) as f32 / n as f32) * pseudo(i, 3))
+        .collect();
+    let want = naive_attention(&d, &proj, n);
+    let mut pieces: Vec<(usize, usize)> = vec![(0, 50)];
+    pieces.extend((50..n).map(|t| (t, 1)));
+    let b = CpuBackend::new(2);
+    for (dtype, tolerance) in [(KvDtype::BF16, 5e-3), (KvDtype::Fp8E4M3, 6e-2)] {
+        let spec = KvCacheSpec {
+            block_tokens: 16,
+            dtype,
+        };
+        let (got, cache) = run_attention_pieces(&b, &d, &spec, &proj, &pieces);
+        let worst = max_difference(&got, &want);
+        eprintln!("{}: max difference {worst}", dtype.name());
+        assert!(
+            worst < tolerance,
+            "{}: max difference {worst}",
+            dtype.name()
+        );
+        // Stored bytes: the dtype's size per value, plus two scales per block.
+        let stored = b.kv_cache_export(&cache);
+        let row = d.num_kv_heads * d.head_dim;
+        assert!(
+            stored
+                .blocks
+                .iter()
+                .all(|blk| blk.data.len() == 2 * 16 * row * dtype.size())
+        );
+        // What is exported imports to the same values.
+        let again = b.kv_cache_import(&d, &stored).unwrap();
+        assert_eq!(b.kv_cache_to_host(&again), b.kv_cache_to_host(&cache));
+    }
+}
+
+/// A single query over a cache longer than one flash-decoding split is computed as partial
+/// softmaxes over chunks merged afterwards; it matches the exact result.
+#[test]
+fn split_decode_over_a_long_cache_matches_plain_softmax() {
+    let d = AttentionDims {
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 16,
+        ..small_attention_dims()
+    };
+    let n = 4500; // three splits of 2048 keys for the decode steps
+    let proj: Vec<f32> = (0..n * d.proj_dim()).map(|i| 2.0 * pseudo(i, 11)).collect();
+    let want = naive_attention(&d, &proj, n);
+    let b = CpuBackend::new(2);
+    let pieces = [(0usize, 4490usize), (4490, 1), (4491, 1), (4492, 8)];
+    let (got, _) = run_attention_pieces(&b, &d, &KvCacheSpec::default(), &proj, &pieces);
+    let tail = 10 * d.out_dim();
+    let worst = max_difference(&got[got.len() - tail..], &want[want.len() - tail..]);
+    assert!(worst < 2e-5, "max difference {worst}");
 }

@@ -37,6 +37,13 @@ pub enum FrameKind {
     /// Liveness probe and its answer.
     Ping = 6,
     Pong = 7,
+    /// Opens the transfer of one sequence's state: its header (shapes, position, tokens,
+    /// sampler), from which the receiver knows the whole state's size.
+    StateBegin = 8,
+    /// Part of one layer of a sequence state (a DeltaNet state, or a run of KV blocks).
+    StateChunk = 9,
+    /// Closes a state transfer: how many chunks were sent and their checksum.
+    StateEnd = 10,
 }
 
 impl FrameKind {
@@ -49,6 +56,9 @@ impl FrameKind {
             5 => FrameKind::Error,
             6 => FrameKind::Ping,
             7 => FrameKind::Pong,
+            8 => FrameKind::StateBegin,
+            9 => FrameKind::StateChunk,
+            10 => FrameKind::StateEnd,
             _ => return None,
         })
     }

@@ -6,6 +6,12 @@
 //!   travel as raw little-endian bytes with dtype and shape headers ([`tensor`]), routes as
 //!   per-row (expert, weight) lists ([`routes`]). Every size a peer sends is checked against
 //!   [`Limits`] before anything is allocated; a decoder error names the field that was wrong.
+//! - The sequence state format ([`seq_state`], versioned on its own by
+//!   [`STATE_FORMAT_VERSION`]): one sequence's per-layer Gated DeltaNet states and paged KV
+//!   caches, position, tokens and sampler state, as a [`StateBegin`] header, layer-ordered
+//!   [`StateChunk`]s and a [`StateEnd`]. It moves a finished prefill to a decode node (streamed
+//!   layer by layer, reassembled and checked by an [`Assembler`]), and is meant for prefix
+//!   caches and live migration too.
 //! - What the messages carry and the control plane publishes: [`Routes`] (which experts each
 //!   row goes to), [`ExpertSet`] (which experts a node holds, `0-127,300`) and [`Placement`]
 //!   (which node serves which experts).
@@ -23,6 +29,7 @@ pub mod messages;
 pub mod placement;
 pub mod route_table;
 pub mod routes;
+pub mod seq_state;
 pub mod tensor;
 
 use thiserror::Error;
@@ -38,6 +45,11 @@ pub use frame::{
 };
 pub use limits::Limits;
 pub use messages::{AnyMessage, Message, decode_frame};
+pub use seq_state::{
+    Assembler, Checksum, ChunkBody, ChunkWriter, KvBlock, KvDtype, LayerImage, LayerShape,
+    STATE_FORMAT_VERSION, SequenceStateImage, StateBegin, StateChunk, StateEnd, StateLimits,
+    layer_chunks,
+};
 pub use tensor::{TensorDtype, WireTensor};
 
 /// Why bytes from a peer were rejected.

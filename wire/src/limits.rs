@@ -19,11 +19,19 @@ pub struct Limits {
     pub max_layers: u32,
     /// Longest string (client and node names, error messages), in UTF-8 bytes.
     pub max_text: u32,
+    /// Most tokens a sequence state may cover ([`crate::StateBegin::position`]); also bounds
+    /// the KV block indices of a [`crate::StateChunk`], since every block holds a token.
+    pub max_state_tokens: u64,
+    /// Largest single dimension of a layer's state shape (heads, head sizes, conv rows and
+    /// width, tokens per KV block), so that no product of them can overflow.
+    pub max_state_dim: u32,
 }
 
 impl Default for Limits {
     /// Far above the models Myriad serves (hundreds of experts, top-10, hidden sizes in the
     /// thousands, tens of layers) while keeping the worst-case frame (256 MiB) affordable.
+    /// Sequence states: 2 Mi tokens (the 1M-token contexts Myriad targets, with room), and
+    /// dimensions up to 65536 (head sizes are hundreds, conv widths thousands).
     fn default() -> Self {
         Limits {
             max_frame: 256 << 20,
@@ -33,6 +41,8 @@ impl Default for Limits {
             max_expert_id: 1 << 20,
             max_layers: 4096,
             max_text: 4096,
+            max_state_tokens: 1 << 21,
+            max_state_dim: 65536,
         }
     }
 }

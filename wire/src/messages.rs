@@ -10,6 +10,7 @@ use super::control::{ErrorReply, Hello, HelloAck, Ping, Pong};
 use super::expert::{ExpertRequest, ExpertResponse};
 use super::frame::{FrameKind, HEADER_LEN, decode_header, encode_header};
 use super::limits::Limits;
+use super::seq_state::{StateBegin, StateChunk, StateEnd};
 
 /// One payload type of the protocol.
 pub trait Message: Sized {
@@ -77,6 +78,9 @@ pub enum AnyMessage {
     Error(ErrorReply),
     Ping(Ping),
     Pong(Pong),
+    StateBegin(StateBegin),
+    StateChunk(StateChunk),
+    StateEnd(StateEnd),
 }
 
 impl AnyMessage {
@@ -90,6 +94,9 @@ impl AnyMessage {
             AnyMessage::Error(_) => FrameKind::Error,
             AnyMessage::Ping(_) => FrameKind::Ping,
             AnyMessage::Pong(_) => FrameKind::Pong,
+            AnyMessage::StateBegin(_) => FrameKind::StateBegin,
+            AnyMessage::StateChunk(_) => FrameKind::StateChunk,
+            AnyMessage::StateEnd(_) => FrameKind::StateEnd,
         }
     }
 
@@ -107,6 +114,9 @@ impl AnyMessage {
             FrameKind::Error => AnyMessage::Error(ErrorReply::decode(payload, limits)?),
             FrameKind::Ping => AnyMessage::Ping(Ping::decode(payload, limits)?),
             FrameKind::Pong => AnyMessage::Pong(Pong::decode(payload, limits)?),
+            FrameKind::StateBegin => AnyMessage::StateBegin(StateBegin::decode(payload, limits)?),
+            FrameKind::StateChunk => AnyMessage::StateChunk(StateChunk::decode(payload, limits)?),
+            FrameKind::StateEnd => AnyMessage::StateEnd(StateEnd::decode(payload, limits)?),
         })
     }
 
@@ -120,6 +130,9 @@ impl AnyMessage {
             AnyMessage::Error(m) => m.encode_into(out),
             AnyMessage::Ping(m) => m.encode_into(out),
             AnyMessage::Pong(m) => m.encode_into(out),
+            AnyMessage::StateBegin(m) => m.encode_into(out),
+            AnyMessage::StateChunk(m) => m.encode_into(out),
+            AnyMessage::StateEnd(m) => m.encode_into(out),
         }
     }
 
@@ -154,6 +167,9 @@ from_message!(
     Error(ErrorReply),
     Ping(Ping),
     Pong(Pong),
+    StateBegin(StateBegin),
+    StateChunk(StateChunk),
+    StateEnd(StateEnd),
 );
 
 /// Decodes a whole frame (header + payload) into whichever message its kind names: the header

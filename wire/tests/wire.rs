@@ -8,9 +8,10 @@ use std::fmt::Debug;
 
 use half::bf16;
 use myriad_wire::{
-    AnyMessage, ErrorCode, ErrorReply, ExpertRequest, ExpertResponse, FrameKind, HEADER_LEN, Hello,
-    HelloAck, Limits, Message, Ping, Pong, Routes, TensorDtype, VERSION, WireError, WireTensor,
-    decode_frame, encode_frame, encode_header,
+    AnyMessage, ChunkBody, ErrorCode, ErrorReply, ExpertRequest, ExpertResponse, FrameKind,
+    HEADER_LEN, Hello, HelloAck, KvBlock, KvDtype, LayerShape, Limits, Message, Ping, Pong, Routes,
+    STATE_FORMAT_VERSION, StateBegin, StateChunk, StateEnd, TensorDtype, VERSION, WireError,
+    WireTensor, decode_frame, encode_frame, encode_header,
 };
 use proptest::prelude::*;
 
@@ -199,7 +200,7 @@ proptest! {
         if let Ok(m) = decode_frame(&bytes, &limits) {
             prop_assert_eq!(m.to_frame().unwrap(), bytes.clone());
         }
-        for kind in 1..=7 {
+        for kind in 1..=10 {
             let kind = FrameKind::from_u16(kind).unwrap();
             if let Ok(m) = AnyMessage::decode(kind, &bytes, &limits) {
                 prop_assert_eq!(m.encode(), bytes.clone());
@@ -209,7 +210,7 @@ proptest! {
 
     /// Garbage behind a valid header, so the payload decoders see it.
     #[test]
-    fn garbage_behind_a_valid_header_never_panics(kind in 1u16..=7, body in prop::collection::vec(any::<u8>(), 0..128)) {
+    fn garbage_behind_a_valid_header_never_panics(kind in 1u16..=10, body in prop::collection::vec(any::<u8>(), 0..128)) {
         let kind = FrameKind::from_u16(kind).unwrap();
         let frame = encode_frame(kind, &body).unwrap();
         if let Ok(m) = decode_frame(&frame, &Limits::default()) {
@@ -791,9 +792,79 @@ fn write_fuzz_seeds() {
         ErrorReply::new(1, ErrorCode::ExpertNotHeld, "expert 9 is not held here").into(),
         Ping { nonce: 11 }.into(),
         Pong { nonce: 11 }.into(),
+        StateBegin {
+            transfer_id: 3,
+            state_version: STATE_FORMAT_VERSION,
+            model_fingerprint: 7,
+            position: 3,
+            tokens: vec![1, 2, 3],
+            rng: [4, 5, 6, 7],
+            generated: 1,
+            layers: vec![
+                LayerShape::DeltaNet {
+                    conv_rows: 1,
+                    conv_dim: 2,
+                    v_heads: 1,
+                    k_head_dim: 1,
+                    v_head_dim: 2,
+                },
+                LayerShape::Attention {
+                    kv_heads: 1,
+                    head_dim: 2,
+                    block_tokens: 2,
+                    dtype: KvDtype::Fp8E4M3,
+                },
+            ],
+        }
+        .into(),
+        StateChunk {
+            transfer_id: 3,
+            layer: 0,
+            body: ChunkBody::DeltaNet {
+                conv: vec![0.5, -1.0],
+                recurrent: vec![2.0, 0.25],
+            },
+        }
+        .into(),
+        StateChunk {
+            transfer_id: 3,
+            layer: 1,
+            body: ChunkBody::Attention {
+                first_block: 0,
+                block_tokens: 2,
+                kv_heads: 1,
+                head_dim: 2,
+                dtype: KvDtype::Fp8E4M3,
+                blocks: vec![
+                    KvBlock {
+                        key_scale: 0.5,
+                        value_scale: 2.0,
+                        data: vec![1, 2, 3, 4, 5, 6, 7, 8],
+                    },
+                    KvBlock {
+                        key_scale: 1.0,
+                        value_scale: 1.0,
+                        data: vec![9, 10, 0, 0, 11, 12, 0, 0],
+                    },
+                ],
+            },
+        }
+        .into(),
+        StateEnd {
+            transfer_id: 3,
+            chunks: 2,
+            checksum: 0x0123_4567_89ab_cdef,
+        }
+        .into(),
     ];
     for (i, m) in messages.iter().enumerate() {
-        std::fs::write(dir.join(format!("frame-{i}")), m.to_frame().unwrap()).unwrap();
+        let frame = m.to_frame().unwrap();
+        assert_eq!(
+            &decode_frame(&frame, &Limits::default()).unwrap(),
+            m,
+            "seed {i}"
+        );
+        std::fs::write(dir.join(format!("frame-{i}")), frame).unwrap();
         let mut payload = vec![m.kind() as u8];
         payload.extend_from_slice(&m.encode());
         std::fs::write(dir.join(format!("payload-{i}")), payload).unwrap();

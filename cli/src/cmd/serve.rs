@@ -52,8 +52,9 @@ pub struct ApiArgs {
     /// Largest request body, in MiB (larger: 413).
     #[arg(long, default_value_t = 32)]
     pub max_body_mb: usize,
-    /// Memory for running sequences' KV caches and DeltaNet states, in GiB: requests that do
-    /// not fit wait.
+    /// The KV block pool, in GiB: sequences take blocks as they grow; a request waits while
+    /// its prompt's blocks do not fit, running sequences are preempted (and recomputed) when
+    /// the pool runs out, and a request whose whole context could never fit gets 400.
     #[arg(long, default_value_t = 4.0)]
     pub kv_cache_gb: f64,
     /// Requests that may wait for memory; more get 429 with Retry-After.
@@ -148,7 +149,7 @@ pub fn serve_api(
     let scheduler = Scheduler::start(
         local.engine.clone(),
         SchedulerConfig {
-            memory_budget_bytes: (api.kv_cache_gb * (1u64 << 30) as f64) as u64,
+            kv_cache_bytes: (api.kv_cache_gb * (1u64 << 30) as f64) as u64,
             max_waiting: api.max_waiting,
         },
     );

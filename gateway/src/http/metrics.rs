@@ -162,13 +162,23 @@ impl Metrics {
             ),
             (
                 "myriad_engine_reserved_bytes",
-                "Bytes of sequence state reserved by running sequences.",
+                "Bytes of the KV blocks running sequences hold.",
                 engine.reserved_bytes as f64,
             ),
             (
                 "myriad_engine_memory_budget_bytes",
-                "Bytes of sequence state the engine may reserve.",
+                "Bytes of the KV block pool.",
                 engine.memory_budget_bytes as f64,
+            ),
+            (
+                "myriad_engine_kv_blocks_used",
+                "KV blocks running sequences hold.",
+                engine.kv_blocks_used as f64,
+            ),
+            (
+                "myriad_engine_kv_blocks_total",
+                "KV blocks in the pool.",
+                engine.kv_blocks_total as f64,
             ),
         ];
         for (name, help, v) in gauges {
@@ -176,6 +186,11 @@ impl Metrics {
         }
         let counters = [
             ("myriad_engine_steps_total", "Forward steps.", engine.steps),
+            (
+                "myriad_engine_preemptions_total",
+                "Sequences preempted for KV blocks (recomputed later).",
+                engine.preemptions,
+            ),
             (
                 "myriad_engine_prompt_tokens_total",
                 "Prompt tokens prefilled.",

@@ -10,10 +10,11 @@
 
 use super::gemm::{Precision, gemm};
 use super::isa::{Isa, multiversion};
+use super::kv_cache::{CpuKvCache, Half};
 use super::packed::PackedMatrix;
 use super::pool::{Pool, SharedMut};
 use super::{rope, vmath};
-use crate::{AttentionDims, KvCacheHost, SeqSpan, WeightDtype};
+use crate::{AttentionDims, SeqSpan, WeightDtype};
 
 /// Spans up to this many tokens attend with direct dot products.
 const DIRECT_MAX: usize = 8;
@@ -21,50 +22,11 @@ const DIRECT_MAX: usize = 8;
 const BLOCK_Q: usize = 64;
 /// Keys per online-softmax step (a multiple of the panel width).
 const BLOCK_K: usize = 256;
-
-/// One sequence's KV cache for one layer: `[len, kv_heads, head_dim]` keys and values.
-pub struct CpuKvCache {
-    pub(crate) dims: AttentionDims,
-    pub(crate) len: usize,
-    pub(crate) keys: Vec<f32>,
-    pub(crate) values: Vec<f32>,
-}
-
-impl CpuKvCache {
-    pub fn new(dims: &AttentionDims) -> Self {
-        CpuKvCache {
-            dims: *dims,
-            len: 0,
-            keys: Vec::new(),
-            values: Vec::new(),
-        }
-    }
-
-    fn row(&self) -> usize {
-        self.dims.num_kv_heads * self.dims.head_dim
-    }
-
-    pub fn to_host(&self) -> KvCacheHost {
-        KvCacheHost {
-            len: self.len,
-            keys: self.keys.clone(),
-            values: self.values.clone(),
-        }
-    }
-
-    pub fn truncate(&mut self, len: usize) {
-        let len = len.min(self.len);
-        let row = self.row();
-        self.keys.truncate(len * row);
-        self.values.truncate(len * row);
-        self.len = len;
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        (self.keys.capacity() + self.values.capacity()) * 4
-    }
-}
+/// Keys per flash-decoding split: a direct query's attention over a longer cache runs as one
+/// task per chunk of this many keys, merged by their softmax statistics, so one sequence at a
+/// long context keeps every worker busy. Chunks are fixed by key position, so results never
+/// depend on the thread count, the batch or the block size.
+const KV_SPLIT: usize = 2048;
 
 /// Everything one call needs besides the projections.
 pub struct AttentionArgs<'a> {
@@ -126,45 +88,46 @@ fn norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 multiversion! {
-    /// Direct causal attention of `rows` queries of one head (query i at position
-    /// `first_pos + i`) against the cache; writes `sigmoid(gate) ⊙ softmax(qKᵀ·scale) V`.
-    fn attend_direct(
+    /// One query row of one head against keys `k0..k1` of kv head `g`: writes the
+    /// unnormalised `Σ exp(s_j − m) v_j` into `acc` and returns `(m, Σ exp(s_j − m))`.
+    fn attend_partial(
         q: &[f32],
-        q_stride: usize,
-        keys: &[f32],
-        values: &[f32],
-        kv_stride: usize,
-        kv_offset: usize,
-        hd: usize,
-        first_pos: usize,
-        rows: usize,
-        gate: &[f32],
-        gate_stride: usize,
-        out: &mut [f32],
-        out_stride: usize,
-    ) {
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut scores = vec![0f32; first_pos + rows];
-        for i in 0..rows {
-            let qi = &q[i * q_stride..i * q_stride + hd];
-            let n = first_pos + i + 1;
-            for (j, s) in scores[..n].iter_mut().enumerate() {
-                let kj = &keys[j * kv_stride + kv_offset..j * kv_stride + kv_offset + hd];
-                *s = vmath::dot(qi, kj) * scale;
+        cache: &CpuKvCache,
+        g: usize,
+        k0: usize,
+        k1: usize,
+        scale: f32,
+        acc: &mut [f32],
+    ) -> (f32, f32) {
+        let hd = q.len();
+        let bt = cache.block_tokens();
+        let mut scores = vec![0f32; k1 - k0];
+        let mut scratch = Vec::new();
+        let mut t = k0;
+        while t < k1 {
+            let (b, from) = (t / bt, t % bt);
+            let to = bt.min(from + (k1 - t));
+            let (rows, stride, off) = cache.head_rows(b, Half::Keys, g, from, to, &mut scratch);
+            for (j, s) in scores[t - k0..t - k0 + (to - from)].iter_mut().enumerate() {
+                *s = vmath::dot(q, &rows[j * stride + off..j * stride + off + hd]) * scale;
             }
-            let m = vmath::max(&scores[..n]);
-            for s in scores[..n].iter_mut() {
-                *s = vmath::exp(*s - m);
-            }
-            let inv = 1.0 / vmath::sum(&scores[..n]);
-            let o = &mut out[i * out_stride..i * out_stride + hd];
-            o.fill(0.0);
-            vmath::accumulate_rows(o, &scores[..n], &values[kv_offset..], kv_stride);
-            let g = &gate[i * gate_stride..i * gate_stride + hd];
-            for (ov, gv) in o.iter_mut().zip(g) {
-                *ov *= inv * vmath::sigmoid(*gv);
-            }
+            t += to - from;
         }
+        let m = vmath::max(&scores);
+        for s in scores.iter_mut() {
+            *s = vmath::exp(*s - m);
+        }
+        let l = vmath::sum(&scores);
+        acc.fill(0.0);
+        let mut t = k0;
+        while t < k1 {
+            let (b, from) = (t / bt, t % bt);
+            let to = bt.min(from + (k1 - t));
+            let (rows, stride, off) = cache.head_rows(b, Half::Values, g, from, to, &mut scratch);
+            vmath::accumulate_rows(acc, &scores[t - k0..t - k0 + (to - from)], &rows[off..], stride);
+            t += to - from;
+        }
+        (m, l)
     }
 }
 
@@ -295,11 +258,10 @@ pub fn gated_attention(
     // 2. Append to the caches.
     for (s, c) in spans.iter().zip(caches.iter_mut()) {
         let row = nkv * hd;
-        c.keys
-            .extend_from_slice(&k[s.start * row..(s.start + s.len) * row]);
-        c.values
-            .extend_from_slice(&v[s.start * row..(s.start + s.len) * row]);
-        c.len += s.len;
+        c.append(
+            &k[s.start * row..(s.start + s.len) * row],
+            &v[s.start * row..(s.start + s.len) * row],
+        );
     }
 
     // 3. Attention.
@@ -307,37 +269,64 @@ pub fn gated_attention(
     let pw = dims.proj_dim();
     let out_ptr = SharedMut::new(out);
     let caches: Vec<&CpuKvCache> = caches.iter().map(|c| &**c).collect();
+    let scale = 1.0 / (hd as f32).sqrt();
 
-    // Direct spans: one task per (span, head).
-    let direct: Vec<usize> = (0..spans.len())
-        .filter(|&i| spans[i].len <= DIRECT_MAX)
-        .collect();
-    pool.for_each(direct.len() * nh, |t| {
-        let (si, h) = (direct[t / nh], t % nh);
-        let (s, c) = (spans[si], caches[si]);
-        if s.len == 0 {
-            return;
+    // Direct spans (decode): one task per (span, head, query row, chunk of keys); each
+    // writes its softmax statistics and unnormalised sum, then one task per (span, head, row)
+    // merges its chunks in order.
+    let mut items: Vec<(usize, usize, usize, usize, usize)> = Vec::new();
+    let mut groups: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for (si, s) in spans.iter().enumerate() {
+        if s.len > DIRECT_MAX {
+            continue;
         }
-        let g = h / group;
-        let mut o = vec![0f32; s.len * hd];
-        attend_direct(
-            isa,
-            &q[(s.start * nh + h) * hd..],
-            nh * hd,
-            &c.keys,
-            &c.values,
-            nkv * hd,
-            g * hd,
-            hd,
-            s.past,
-            s.len,
-            &proj[s.start * pw + h * 2 * hd + hd..],
-            pw,
-            &mut o,
-            hd,
-        );
-        // SAFETY: rows of this span, columns of head h: disjoint across tasks.
-        unsafe { scatter_rows(out_ptr, s.start, nh * hd, h * hd, &o, hd) };
+        for h in 0..nh {
+            for i in 0..s.len {
+                let n = s.past + i + 1;
+                groups.push((si, h, i, items.len()));
+                for k0 in (0..n).step_by(KV_SPLIT) {
+                    items.push((si, h, i, k0, (k0 + KV_SPLIT).min(n)));
+                }
+            }
+        }
+    }
+    let stride = hd + 2;
+    let mut partials = vec![0f32; items.len() * stride];
+    {
+        let parts = SharedMut::new(&mut partials);
+        pool.for_each(items.len(), |t| {
+            let (si, h, i, k0, k1) = items[t];
+            let row = spans[si].start + i;
+            // SAFETY: one region per item.
+            let p = unsafe { parts.slice(t * stride, stride) };
+            let (acc, ml) = p.split_at_mut(hd);
+            let (m, l) = attend_partial(
+                isa,
+                &q[(row * nh + h) * hd..(row * nh + h + 1) * hd],
+                caches[si],
+                h / group,
+                k0,
+                k1,
+                scale,
+                acc,
+            );
+            ml[0] = m;
+            ml[1] = l;
+        });
+    }
+    pool.for_each(groups.len(), |t| {
+        let (si, h, i, first) = groups[t];
+        let end = groups.get(t + 1).map_or(items.len(), |g| g.3);
+        let row = spans[si].start + i;
+        let mut o = vec![0f32; hd];
+        let l = merge_partials(&partials[first * stride..end * stride], hd, &mut o);
+        let inv = 1.0 / l;
+        let gate = &proj[row * pw + h * 2 * hd + hd..row * pw + h * 2 * hd + 2 * hd];
+        for (ov, gv) in o.iter_mut().zip(gate) {
+            *ov *= inv * vmath::sigmoid(*gv);
+        }
+        // SAFETY: row `row`, columns of head h: disjoint across tasks.
+        unsafe { scatter_rows(out_ptr, row, nh * hd, h * hd, &o, hd) };
     });
 
     // Prefill spans: pack keys and transposed values per (span, kv head), then one task per
@@ -359,11 +348,22 @@ pub fn gated_attention(
         pool.for_each(blocked.len() * nkv, |t| {
             let (bi, g) = (t / nkv, t % nkv);
             let c = caches[blocked[bi]];
-            let row = nkv * hd;
-            let key = |j: usize| &c.keys[j * row + g * hd..j * row + (g + 1) * hd];
-            let val = |j: usize| &c.values[j * row + g * hd..j * row + (g + 1) * hd];
-            let kp = PackedMatrix::from_f32_rows(c.len, hd, dtype, key);
-            let vt = PackedMatrix::from_f32_transposed(hd, c.len, dtype, val);
+            let (kp, vt) = if c.is_f32() {
+                let key = |j: usize| c.f32_row(Half::Keys, j, g);
+                let val = |j: usize| c.f32_row(Half::Values, j, g);
+                (
+                    PackedMatrix::from_f32_rows(c.len, hd, dtype, key),
+                    PackedMatrix::from_f32_transposed(hd, c.len, dtype, val),
+                )
+            } else {
+                let (keys, values) = (c.head_f32(Half::Keys, g), c.head_f32(Half::Values, g));
+                let key = |j: usize| &keys[j * hd..(j + 1) * hd];
+                let val = |j: usize| &values[j * hd..(j + 1) * hd];
+                (
+                    PackedMatrix::from_f32_rows(c.len, hd, dtype, key),
+                    PackedMatrix::from_f32_transposed(hd, c.len, dtype, val),
+                )
+            };
             // SAFETY: one slot per task.
             unsafe { slots.slice(t, 1)[0] = Some((kp, vt)) };
         });
@@ -376,7 +376,6 @@ pub fn gated_attention(
             }
         }
     }
-    let scale = 1.0 / (hd as f32).sqrt();
     pool.for_each(tasks.len(), |t| {
         let (bi, si, h, b0) = tasks[t];
         let s = spans[si];
@@ -447,6 +446,30 @@ pub fn gated_attention(
         // SAFETY: rows of this query block, columns of head h: disjoint across tasks.
         unsafe { scatter_rows(out_ptr, row0, nh * hd, h * hd, &o, hd) };
     });
+}
+
+/// Merges the partial results of one query's key chunks (each `[acc (hd) | m | l]`, in key
+/// order) into `out` and returns the merged softmax denominator. One chunk is taken as it is,
+/// so a short cache gives exactly the unsplit result.
+fn merge_partials(parts: &[f32], hd: usize, out: &mut [f32]) -> f32 {
+    let stride = hd + 2;
+    if parts.len() == stride {
+        out.copy_from_slice(&parts[..hd]);
+        return parts[hd + 1];
+    }
+    let m = parts
+        .chunks_exact(stride)
+        .fold(f32::NEG_INFINITY, |m, p| m.max(p[hd]));
+    let mut l = 0.0;
+    out.fill(0.0);
+    for p in parts.chunks_exact(stride) {
+        let w = (p[hd] - m).exp();
+        l += p[hd + 1] * w;
+        for (o, a) in out.iter_mut().zip(&p[..hd]) {
+            *o += a * w;
+        }
+    }
+    l
 }
 
 /// Copies `src` (rows of `width`) into rows `row0..` of `dst` (row stride `stride`) at

@@ -7,6 +7,7 @@ mod delta_rule;
 mod deltanet;
 pub mod gemm;
 pub mod isa;
+mod kv_cache;
 pub mod matmul;
 mod moe;
 mod ops;
@@ -20,10 +21,10 @@ mod ukernel_avx512;
 mod ukernel_portable;
 pub mod vmath;
 
-pub use attention::CpuKvCache;
 pub use deltanet::CpuDeltaState;
 pub use gemm::{Precision, has_bf16_dot};
 pub use isa::Isa;
+pub use kv_cache::{BlockCounter, CpuKvCache};
 pub use packed::PackedMatrix;
 pub use pool::Pool;
 
@@ -33,7 +34,8 @@ use half::bf16;
 
 use crate::{
     AttentionDims, AttentionLayer, Backend, DeltaNetDims, DeltaNetLayer, DeltaStateHost,
-    ExpertMatrices, HostMatrix, KernelError, KvCacheHost, MatrixUse, Routes, SeqSpan, WeightDtype,
+    ExpertMatrices, HostMatrix, KernelError, KvBlocksHost, KvCacheHost, KvCacheSpec, MatrixUse,
+    Routes, SeqSpan, WeightDtype,
 };
 
 /// A dense row-major f32 tensor in host memory.
@@ -98,6 +100,8 @@ pub struct CpuBackend {
     arena: arena::WeightArena,
     isa: Isa,
     precision: Precision,
+    /// KV blocks alive in this backend's caches.
+    kv_blocks: BlockCounter,
 }
 
 impl CpuBackend {
@@ -108,6 +112,7 @@ impl CpuBackend {
             arena: arena::WeightArena::new(),
             isa: Isa::detect(),
             precision: Precision::F32,
+            kv_blocks: BlockCounter::default(),
         }
     }
 
@@ -376,8 +381,12 @@ impl Backend for CpuBackend {
         CpuDeltaState::new(dims)
     }
 
-    fn new_kv_cache(&self, dims: &AttentionDims) -> CpuKvCache {
-        CpuKvCache::new(dims)
+    fn new_kv_cache(&self, dims: &AttentionDims, spec: &KvCacheSpec) -> CpuKvCache {
+        CpuKvCache::new(dims, spec, self.kv_blocks.clone())
+    }
+
+    fn kv_blocks_live(&self) -> usize {
+        self.kv_blocks.get()
     }
 
     fn gated_deltanet(
@@ -506,6 +515,7 @@ impl Backend for CpuBackend {
     fn kv_cache_from_host(
         &self,
         dims: &AttentionDims,
+        spec: &KvCacheSpec,
         host: &KvCacheHost,
     ) -> Result<CpuKvCache, KernelError> {
         let row = dims.num_kv_heads * dims.head_dim;
@@ -518,12 +528,26 @@ impl Backend for CpuBackend {
                 host.values.len()
             )));
         }
-        Ok(CpuKvCache {
-            dims: *dims,
-            len: host.len,
-            keys: host.keys.clone(),
-            values: host.values.clone(),
-        })
+        let mut c = CpuKvCache::new(dims, spec, self.kv_blocks.clone());
+        c.append(&host.keys, &host.values);
+        Ok(c)
+    }
+
+    fn kv_cache_export(&self, c: &CpuKvCache) -> KvBlocksHost {
+        c.export_blocks()
+    }
+
+    fn kv_cache_import(
+        &self,
+        dims: &AttentionDims,
+        host: &KvBlocksHost,
+    ) -> Result<CpuKvCache, KernelError> {
+        CpuKvCache::import_blocks(dims, host, self.kv_blocks.clone())
+            .map_err(KernelError::StateShape)
+    }
+
+    fn kv_cache_blocks(&self, c: &CpuKvCache) -> usize {
+        c.blocks()
     }
 
     fn kv_cache_len(&self, c: &CpuKvCache) -> usize {
