@@ -51,6 +51,9 @@ never myriad-engine-api "${all_ours[@]}" rayon
 never myriad-kernels tokio quinn axum hyper tonic myriad-model myriad-transport cudarc
 # The load generator speaks HTTP only.
 never myriad-loadtest "${all_ours[@]}"
+# The attention role hands sequence states over as wire images; moving them between processes
+# is the CLI's business (cli/src/disagg/).
+never myriad-attention myriad-transport myriad-router myriad-gateway quinn axum hyper
 # Only the binary uses anyhow; libraries return typed errors.
 for lib in "${all_ours[@]}"; do
   [ "$lib" = myriad ] || DEPTH=1 never "$lib" anyhow

@@ -12,6 +12,8 @@ use myriad_kernels::{Backend, SeqSpan};
 
 use crate::error::EngineError;
 use crate::forward::{Batch, Model};
+
+mod handoff;
 use crate::rng::Rng;
 use crate::sampling::{log_softmax, sample, top_logprobs};
 use crate::state::SequenceState;
@@ -79,6 +81,14 @@ pub(crate) struct Active<B: Backend, Q> {
     prompt_logged: usize,
     /// Times this sequence was preempted.
     pub(crate) preemptions: u32,
+    /// Stop after the first generated token so the state can be handed to a decode node.
+    pub(crate) handoff: bool,
+    /// Stopped for the hand-off rather than ended (`done` is set too).
+    pub(crate) paused: bool,
+    /// Admitted, waiting for its state from a prefill node (not run until it arrives).
+    pub(crate) awaiting: bool,
+    /// KV blocks kept free for the state it awaits.
+    pub(crate) reserved: usize,
     /// Generated tokens (and log-probabilities) so far.
     pub(crate) out: Completion,
     pub(crate) done: bool,
@@ -302,6 +312,10 @@ impl<B: Backend> Engine<B> {
             prefilled: 0,
             prompt_logged: 0,
             preemptions: 0,
+            handoff: false,
+            paused: false,
+            awaiting: false,
+            reserved: 0,
             out,
             done,
         }
@@ -336,11 +350,15 @@ impl<B: Backend> Engine<B> {
         // Decoding sequences first: each costs one token and must not wait behind prefills.
         let order: Vec<usize> = {
             let (dec, pre): (Vec<usize>, Vec<usize>) = (0..active.len())
-                .filter(|&i| !active[i].done)
+                .filter(|&i| !active[i].done && !active[i].awaiting)
                 .partition(|&i| active[i].decoding());
             dec.into_iter().chain(pre).collect()
         };
-        let held: usize = active.iter().map(|a| self.blocks_held(a)).sum();
+        // Blocks reserved for states on their way count as held.
+        let held: usize = active
+            .iter()
+            .map(|a| self.blocks_held(a) + a.reserved)
+            .sum();
         let mut free = kv_blocks.map(|cap| cap.saturating_sub(held));
         let mut scheduled = vec![false; active.len()];
         let mut budget = self.config.max_batch_tokens.max(1);
@@ -519,6 +537,9 @@ impl<B: Backend> Engine<B> {
             || r.prompt.len() + a.out.token_ids.len() >= ctx
         {
             a.out.finish_reason = FinishReason::Length;
+            a.done = true;
+        } else if a.handoff {
+            a.paused = true;
             a.done = true;
         }
     }

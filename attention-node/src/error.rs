@@ -24,4 +24,7 @@ pub enum EngineError {
     BadRequest { index: usize, message: String },
     #[error("batch is inconsistent: {0}")]
     Batch(String),
+    /// A sequence state handed over from another node does not fit this one.
+    #[error("sequence state refused: {0}")]
+    State(String),
 }

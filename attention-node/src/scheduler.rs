@@ -18,19 +18,27 @@
 
 use std::borrow::Borrow;
 use std::collections::VecDeque;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use myriad_kernels::{Backend, KvCacheSpec};
-use myriad_model::{LayerKind, ModelConfig};
-use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use myriad_kernels::Backend;
+use myriad_model::ModelConfig;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::engine::{Active, Engine, Request};
-use crate::weights::{attention_dims, deltanet_dims};
+use crate::engine::{Engine, Request};
+
+mod handoff;
+mod pool;
+mod worker;
+
+use handoff::JobKind;
+pub use handoff::{PrefillTicket, StateSlot};
+pub use pool::sequence_bytes;
+use pool::{Pool, context_tokens};
+use worker::Worker;
 
 /// Scheduler limits.
 #[derive(Clone, Debug)]
@@ -50,7 +58,7 @@ impl Default for SchedulerConfig {
     }
 }
 
-pub use myriad_engine_api::{Event, Generate, SchedulerStats, Submission, SubmitError};
+pub use myriad_engine_api::{Event, Generate, SchedulerStats, ServePath, Submission, SubmitError};
 
 /// What `Overloaded` suggests: the queue drains as running requests finish, which takes about
 /// this long on a loaded server; an estimate from step times would be no better for a client.
@@ -58,73 +66,6 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// What a request still waiting or running when the scheduler is dropped hears.
 const SHUTTING_DOWN: &str = "the engine is shutting down";
-
-/// Bytes of per-sequence state a sequence of `context_tokens` tokens holds with KV blocks of
-/// `spec`: the blocks of every full-attention layer (keys, values and their scales), plus the
-/// fixed DeltaNet conv inputs (`(conv_kernel − 1) × conv_dim`) and recurrent state
-/// (`num_v_heads × k_head_dim × v_head_dim`, f32) of every linear-attention layer.
-pub fn sequence_bytes(config: &ModelConfig, spec: &KvCacheSpec, context_tokens: usize) -> u64 {
-    const F32: u64 = 4;
-    let attention = attention_dims(config);
-    let delta = deltanet_dims(config);
-    let (mut full, mut linear) = (0u64, 0u64);
-    for kind in &config.layer_kinds {
-        match kind {
-            LayerKind::FullAttention => full += 1,
-            LayerKind::LinearAttention => linear += 1,
-        }
-    }
-    let block = spec.block_bytes(attention.num_kv_heads * attention.head_dim) as u64;
-    let conv = delta.conv_kernel.saturating_sub(1) as u64 * delta.conv_dim() as u64;
-    let recurrent = delta.num_v_heads as u64 * delta.k_head_dim as u64 * delta.v_head_dim as u64;
-    full.saturating_mul(block)
-        .saturating_mul(spec.blocks_for(context_tokens) as u64)
-        .saturating_add(linear.saturating_mul((conv + recurrent).saturating_mul(F32)))
-}
-
-/// The context a request may reach: its prompt and every token it may generate, but never
-/// more than the model's context, where generation stops anyway.
-fn context_tokens(request: &Request, max_context: usize) -> usize {
-    request
-        .prompt
-        .len()
-        .saturating_add(request.max_tokens)
-        .min(max_context)
-}
-
-/// The block pool as the handle and the thread see it.
-#[derive(Clone, Copy, Debug)]
-struct Pool {
-    /// Blocks in the pool.
-    blocks: usize,
-    /// Bytes of one block of one layer.
-    block_bytes: usize,
-    /// Blocks of one layer per block of tokens: the model's full-attention layers.
-    layers: usize,
-    spec: KvCacheSpec,
-    /// Blocks admission leaves free for running sequences to grow into.
-    headroom: usize,
-}
-
-impl Pool {
-    fn new<B: Backend>(engine: &Engine<B>, bytes: u64) -> Pool {
-        let model = engine.model();
-        let block_bytes = model.kv_block_bytes().max(1);
-        let blocks = usize::try_from(bytes / block_bytes as u64).unwrap_or(usize::MAX);
-        Pool {
-            blocks,
-            block_bytes,
-            layers: model.attention_layers(),
-            spec: model.kv_spec(),
-            headroom: blocks / 100,
-        }
-    }
-
-    /// Blocks a sequence of `tokens` tokens holds.
-    fn blocks_for(&self, tokens: usize) -> usize {
-        self.layers.saturating_mul(self.spec.blocks_for(tokens))
-    }
-}
 
 /// The engine as `submit` sees it: request checks only, so [`Scheduler`] need not be generic
 /// over the backend (the backend lives on the scheduler's thread).
@@ -169,15 +110,64 @@ impl Shared {
     }
 }
 
-/// A submitted request on the scheduler thread: the request, where its events go and how much
-/// of its output has been sent.
-struct Job {
+/// What the scheduler thread receives.
+pub(crate) enum Msg {
+    Job(Job),
+    /// Something the thread waits for may have happened (a state delivered or abandoned).
+    Wake,
+    /// The scheduler handle is dropped (state slots hold senders too, so the channel alone
+    /// does not say so).
+    Stop,
+}
+
+/// How long an idle scheduler thread sleeps before it looks again at what only polling shows
+/// (clients that went away while their request waits for a state).
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// A submitted request on the scheduler thread: the request, what it is for, where its events
+/// go and how much of its output has been sent.
+pub(crate) struct Job {
     request: Request,
+    kind: JobKind,
     events: UnboundedSender<Event>,
     sent_prompt_logprobs: bool,
     sent_tokens: usize,
     /// Prompt tokens already added to the `prompt_tokens` counter.
     counted_prompt: usize,
+}
+
+impl Job {
+    /// Whoever waits for this job is gone.
+    fn cancelled(&self) -> bool {
+        match &self.kind {
+            JobKind::Prefill(tx) => tx.is_closed(),
+            _ => self.events.is_closed(),
+        }
+    }
+
+    /// Tells whoever waits that the job failed.
+    fn fail(self, message: String) {
+        match self.kind {
+            JobKind::Prefill(tx) => {
+                let _ = tx.send(Err(message));
+            }
+            _ => {
+                let _ = self.events.send(Event::Failed(message));
+            }
+        }
+    }
+
+    /// Tells whoever waits that no node could serve the job.
+    fn unavailable(self, message: String) {
+        match self.kind {
+            JobKind::Prefill(tx) => {
+                let _ = tx.send(Err(message));
+            }
+            _ => {
+                let _ = self.events.send(Event::Unavailable(message));
+            }
+        }
+    }
 }
 
 impl Borrow<Request> for Job {
@@ -194,7 +184,7 @@ impl Borrow<Request> for Job {
 pub struct Scheduler {
     /// Submissions to the thread; `None` when the thread could not be started. Dropping it is
     /// the thread's signal to stop.
-    jobs: Option<Sender<Job>>,
+    jobs: Option<Sender<Msg>>,
     shared: Arc<Shared>,
     engine: Arc<dyn Validate>,
     model: ModelConfig,
@@ -269,27 +259,32 @@ impl Scheduler {
     }
 }
 
-impl Generate for Scheduler {
-    /// Checks, sizes and queues `request` without waiting for the engine.
-    fn submit(&self, request: Request) -> Result<Submission, SubmitError> {
+impl Scheduler {
+    /// Checks, sizes and queues a job for `request`; `context` is the tokens it may reach
+    /// here. Returns the request id and the receiver of its events.
+    fn enqueue(
+        &self,
+        request: Request,
+        kind: JobKind,
+        context: usize,
+    ) -> Result<(u64, UnboundedReceiver<Event>), SubmitError> {
         let Some(jobs) = &self.jobs else {
             return Err(SubmitError::Stopped);
         };
         if let Err(message) = self.engine.validate(&request) {
             return Err(self.reject(SubmitError::Invalid(message)));
         }
-        let tokens = context_tokens(&request, self.model.max_position_embeddings);
-        let blocks = self.pool.blocks_for(tokens);
+        let blocks = self.pool.blocks_for(context);
         if blocks > self.pool.blocks {
             let p = &self.pool;
             return Err(self.reject(SubmitError::TooLarge(format!(
-                "the request's context of {tokens} tokens (prompt {} + max_tokens {}) needs \
+                "the request's context of {context} tokens (prompt {} + max_tokens {}) needs \
                  {blocks} KV blocks ({} attention layers × {} blocks of {} tokens, {} bytes), \
                  more than the whole KV cache of {} blocks ({} bytes)",
                 request.prompt.len(),
                 request.max_tokens,
                 p.layers,
-                p.spec.blocks_for(tokens),
+                p.spec.blocks_for(context),
                 p.spec.block_tokens,
                 blocks as u64 * p.block_bytes as u64,
                 p.blocks,
@@ -313,19 +308,71 @@ impl Generate for Scheduler {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             request,
+            kind,
             events,
             sent_prompt_logprobs: false,
             sent_tokens: 0,
             counted_prompt: 0,
         };
-        if jobs.send(job).is_err() {
+        if jobs.send(Msg::Job(job)).is_err() {
             // The thread is gone (it can only end early by a bug); give the slot back.
             self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::Stopped);
         }
+        Ok((id, receiver))
+    }
+
+    /// Queues `request` to be prefilled here and handed off: the ticket gives its state after
+    /// the prompt and its outputs up to the first token. Only the prompt (and one token) must
+    /// fit this node's pool.
+    pub fn submit_prefill(&self, request: Request) -> Result<PrefillTicket, SubmitError> {
+        let (tx, result) = tokio::sync::oneshot::channel();
+        let context = request.prompt.len().saturating_add(1);
+        self.enqueue(request, JobKind::Prefill(tx), context)?;
+        Ok(PrefillTicket { result })
+    }
+
+    /// Queues `request` to continue from a state prefilled elsewhere: it is admitted (its
+    /// prompt's blocks reserved) before the state exists; deliver the state through the slot.
+    /// Its events (prompt log-probabilities and first token from the hand-off included) arrive
+    /// on the submission like any other request's.
+    pub fn submit_handoff(&self, request: Request) -> Result<(Submission, StateSlot), SubmitError> {
+        let Some(wake) = self.jobs.clone() else {
+            return Err(SubmitError::Stopped);
+        };
+        let (state_tx, state) = tokio::sync::oneshot::channel();
+        let (admitted_tx, admitted) = tokio::sync::oneshot::channel();
+        let context = context_tokens(&request, self.model.max_position_embeddings);
+        let kind = JobKind::Resume {
+            state,
+            admitted: Some(admitted_tx),
+        };
+        let (id, events) = self.enqueue(request, kind, context)?;
+        let slot = StateSlot {
+            admitted: Some(admitted),
+            state: Some(state_tx),
+            wake,
+        };
+        Ok((
+            Submission {
+                id,
+                events,
+                path: ServePath::Disaggregated,
+            },
+            slot,
+        ))
+    }
+}
+
+impl Generate for Scheduler {
+    /// Checks, sizes and queues `request` without waiting for the engine.
+    fn submit(&self, request: Request) -> Result<Submission, SubmitError> {
+        let context = context_tokens(&request, self.model.max_position_embeddings);
+        let (id, events) = self.enqueue(request, JobKind::Stream, context)?;
         Ok(Submission {
             id,
-            events: receiver,
+            events,
+            path: ServePath::Direct,
         })
     }
 
@@ -354,247 +401,14 @@ impl Generate for Scheduler {
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
-        // Closing the channel is the stop signal; it also wakes the thread if it is idle.
-        drop(self.jobs.take());
+        // `Stop` wakes the thread if it is idle; closing the channel would not while state
+        // slots hold senders.
+        if let Some(jobs) = self.jobs.take() {
+            let _ = jobs.send(Msg::Stop);
+        }
         if let Some(thread) = self.thread.take() {
             // A panic on the thread has already been reported by the panic hook.
             let _ = thread.join();
         }
-    }
-}
-
-/// The scheduler thread: owns the queue and the running batch.
-struct Worker<B: Backend> {
-    engine: Arc<Engine<B>>,
-    jobs: Receiver<Job>,
-    shared: Arc<Shared>,
-    pool: Pool,
-    /// Received, not yet admitted, in arrival order.
-    waiting: VecDeque<Job>,
-    active: Vec<Active<B, Job>>,
-    counters: Counters,
-}
-
-impl<B: Backend> Worker<B> {
-    fn run(mut self) {
-        while self.intake() {
-            // Before admission and the step, so that a request whose client has gone neither
-            // takes memory nor gets prefilled.
-            self.drop_cancelled();
-            self.admit();
-            // Before the step too: a step can take long, and admissions and cancellations
-            // should show in the stats without waiting for it.
-            self.publish();
-            self.step();
-            self.emit();
-            self.publish();
-        }
-        self.shutdown();
-    }
-
-    /// Takes new submissions, blocking while there is nothing to run (an idle scheduler
-    /// sleeps in `recv`, it never spins). False once the scheduler handle is dropped.
-    fn intake(&mut self) -> bool {
-        if self.active.is_empty() && self.waiting.is_empty() {
-            match self.jobs.recv() {
-                Ok(job) => self.waiting.push_back(job),
-                Err(_) => return false,
-            }
-        }
-        loop {
-            match self.jobs.try_recv() {
-                Ok(job) => self.waiting.push_back(job),
-                Err(TryRecvError::Empty) => return true,
-                Err(TryRecvError::Disconnected) => return false,
-            }
-        }
-    }
-
-    /// Forgets requests whose event receiver was dropped, waiting or running.
-    fn drop_cancelled(&mut self) {
-        let before = self.waiting.len();
-        self.waiting.retain(|j| !j.events.is_closed());
-        let gone = before - self.waiting.len();
-        if gone > 0 {
-            self.shared.waiting.fetch_sub(gone, Ordering::AcqRel);
-            self.counters.cancelled += gone as u64;
-        }
-        let counters = &mut self.counters;
-        self.active.retain(|a| {
-            let keep = !a.request.events.is_closed();
-            if !keep {
-                counters.cancelled += 1;
-            }
-            keep
-        });
-    }
-
-    /// Starts waiting requests in arrival order while sequences and blocks allow: the blocks
-    /// the running sequences need to reach their next token, plus those of the front
-    /// request's prompt, plus the headroom, must fit the pool (with nothing running, the
-    /// request alone must). The queue is strictly FIFO: a large request at its head is not
-    /// overtaken by smaller ones, so it cannot starve.
-    fn admit(&mut self) {
-        let max_seqs = self.engine.config().max_seqs.max(1);
-        let committed: usize = self
-            .active
-            .iter()
-            .map(|a| {
-                self.pool
-                    .blocks_for(a.request.request.prompt.len() + a.out.token_ids.len())
-            })
-            .sum();
-        let mut committed = committed;
-        while self.active.len() < max_seqs {
-            let Some(front) = self.waiting.front() else {
-                break;
-            };
-            let need = self.pool.blocks_for(front.request.prompt.len() + 1);
-            let headroom = if self.active.is_empty() {
-                0
-            } else {
-                self.pool.headroom
-            };
-            if committed + need + headroom > self.pool.blocks {
-                break;
-            }
-            let Some(job) = self.waiting.pop_front() else {
-                break;
-            };
-            self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
-            committed += need;
-            // The index is `generate`'s name for a sequence; jobs carry their own channel.
-            self.active.push(self.engine.start(0, job));
-        }
-    }
-
-    /// One forward step (the engine's own planning: decodes first, prefill chunks within the
-    /// token budget). If it fails, its sequences are failed and dropped (their state may be
-    /// half-updated); sequences outside it are untouched and go on.
-    fn step(&mut self) {
-        let before: u64 = self.active.iter().map(|a| u64::from(a.preemptions)).sum();
-        let shares = self.engine.plan(&mut self.active, Some(self.pool.blocks));
-        let after: u64 = self.active.iter().map(|a| u64::from(a.preemptions)).sum();
-        self.counters.preemptions += after - before;
-        if shares.is_empty() {
-            return;
-        }
-        self.counters.steps += 1;
-        let engine = &self.engine;
-        let active = &mut self.active;
-        // A panic in the model (a bug) fails this step's requests, not the whole server.
-        let failure = match catch_unwind(AssertUnwindSafe(|| engine.run(active, &shares))) {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(panic) => panic_message(panic.as_ref()),
-        };
-        let mut failed = vec![false; self.active.len()];
-        for &(ai, _) in &shares {
-            failed[ai] = true;
-            let message = format!("the forward step failed: {failure}");
-            // A receiver that is gone needs no message.
-            let _ = self.active[ai].request.events.send(Event::Failed(message));
-        }
-        let mut flags = failed.into_iter();
-        self.active.retain(|_| !flags.next().unwrap_or(false));
-    }
-
-    /// Streams what every running request produced since the last step and retires the
-    /// finished and the cancelled.
-    fn emit(&mut self) {
-        let counters = &mut self.counters;
-        self.active.retain_mut(|a| {
-            let delivered = send_new(a, counters);
-            if !delivered {
-                counters.cancelled += 1;
-            }
-            delivered && !a.done
-        });
-    }
-
-    fn publish(&mut self) {
-        self.counters.running = self.active.len();
-        self.counters.kv_blocks = self.active.iter().map(|a| self.engine.blocks_held(a)).sum();
-        *self.shared.counters() = self.counters;
-    }
-
-    /// Fails everything still waiting or running, then publishes empty counters.
-    fn shutdown(mut self) {
-        let failed = |events: &UnboundedSender<Event>| {
-            let _ = events.send(Event::Failed(SHUTTING_DOWN.into()));
-        };
-        let waiting = self.waiting.len();
-        for job in self.waiting.drain(..) {
-            failed(&job.events);
-        }
-        self.shared.waiting.fetch_sub(waiting, Ordering::AcqRel);
-        for a in self.active.drain(..) {
-            failed(&a.request.events);
-        }
-        self.publish();
-    }
-}
-
-/// Sends the events `a` has produced since the last call: its prompt log-probabilities once
-/// prefilled, each new token, and `Finished` when done. False if the receiver is gone.
-fn send_new<B: Backend>(a: &mut Active<B, Job>, counters: &mut Counters) -> bool {
-    let job = &mut a.request;
-    counters.prompt_tokens += (a.prefilled - job.counted_prompt) as u64;
-    job.counted_prompt = a.prefilled;
-    let r = &job.request;
-    let prompt_len = r.prompt.len();
-    let echo_logprobs = r.echo && r.logprobs.is_some();
-    // With echo, the engine's log-probabilities hold one entry per prompt position first.
-    let offset = if echo_logprobs { prompt_len } else { 0 };
-    if echo_logprobs && !job.sent_prompt_logprobs && a.prefilled == prompt_len {
-        job.sent_prompt_logprobs = true;
-        // Taken rather than cloned: each entry is sent once and not needed again.
-        let prompt = a
-            .out
-            .logprobs
-            .as_mut()
-            .map(|v| v.iter_mut().take(offset).map(Option::take).collect())
-            .unwrap_or_default();
-        if job.events.send(Event::PromptLogprobs(prompt)).is_err() {
-            return false;
-        }
-    }
-    while job.sent_tokens < a.out.token_ids.len() {
-        let i = job.sent_tokens;
-        job.sent_tokens += 1;
-        counters.generated_tokens += 1;
-        let logprobs = a
-            .out
-            .logprobs
-            .as_mut()
-            .and_then(|v| v.get_mut(offset + i))
-            .and_then(Option::take);
-        let token = Event::Token {
-            id: a.out.token_ids[i],
-            logprobs,
-        };
-        if job.events.send(token).is_err() {
-            return false;
-        }
-    }
-    if a.done {
-        let finished = Event::Finished {
-            reason: a.out.finish_reason,
-            prompt_tokens: prompt_len,
-            completion_tokens: a.out.token_ids.len(),
-        };
-        return job.events.send(finished).is_ok();
-    }
-    true
-}
-
-/// The message of a caught panic.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        format!("panic: {s}")
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        format!("panic: {s}")
-    } else {
-        "panic".into()
     }
 }

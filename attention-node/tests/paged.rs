@@ -6,75 +6,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 use myriad_attention::{
-    Completion, Engine, EngineConfig, Event, Generate, Model, Request, SamplingParams, Scheduler,
-    SchedulerConfig,
+    Completion, Engine, EngineConfig, Generate, Request, Scheduler, SchedulerConfig,
 };
-use myriad_expert::ExpertShard;
+use myriad_kernels::Backend;
 use myriad_kernels::cpu::CpuBackend;
-use myriad_kernels::{Backend, KvCacheSpec, KvDtype};
-use myriad_model::{Checkpoint, ExpertSet, GenerationConfig, ModelConfig};
 
-const FAMILIES: [&str; 2] = ["qwen3_5_moe-tiny", "qwen3_next-tiny"];
+mod common;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures")
-        .join(name)
-}
-
-/// The fixture on one CPU thread, its KV caches in blocks of `spec`.
-fn engine(name: &str, spec: KvCacheSpec, config: EngineConfig) -> Arc<Engine<CpuBackend>> {
-    let dir = fixture(name);
-    let model_config = ModelConfig::from_dir(&dir).unwrap();
-    let generation = GenerationConfig::from_dir(&dir, &model_config).unwrap();
-    let ckpt = Checkpoint::open(&dir, &model_config).unwrap();
-    let backend = Arc::new(CpuBackend::new(1));
-    let all = ExpertSet::all(model_config.num_experts);
-    let shard = ExpertShard::load(backend.clone(), &model_config, &ckpt, &all).unwrap();
-    let model = Model::load(model_config, backend, &ckpt, Arc::new(shard))
-        .unwrap()
-        .with_kv_spec(spec);
-    Arc::new(Engine::new(model, config, generation.eos_token_ids))
-}
-
-fn f32_blocks(block_tokens: usize) -> KvCacheSpec {
-    KvCacheSpec {
-        block_tokens,
-        dtype: KvDtype::F32,
-    }
-}
-
-fn prompt(seed: usize, len: usize) -> Vec<u32> {
-    (0..len)
-        .map(|i| ((seed * 7919 + i * 104_729 + 13) % 1000) as u32)
-        .collect()
-}
-
-/// Greedy and seeded-sampling requests of assorted lengths, with log-probabilities.
-fn requests() -> Vec<Request> {
-    (0..6)
-        .map(|i| {
-            let mut r = Request::greedy(prompt(i, 3 + 9 * i), 12 + 3 * i);
-            r.ignore_eos = true;
-            r.logprobs = Some(2);
-            r.echo = i % 2 == 0;
-            if i % 3 == 1 {
-                r.sampling = SamplingParams {
-                    temperature: 0.8,
-                    top_p: 0.95,
-                    top_k: 0,
-                    seed: Some(100 + i as u64),
-                };
-            }
-            r
-        })
-        .collect()
-}
+use common::{FAMILIES, engine, f32_blocks, requests};
 
 #[test]
 fn the_block_size_never_changes_a_result() {
@@ -177,7 +117,7 @@ fn preempted_sequences_finish_with_their_uncontended_tokens() {
         );
         let subs: Vec<_> = reqs.iter().map(|r| s.submit(r.clone()).unwrap()).collect();
         for (i, (mut sub, (r, w))) in subs.into_iter().zip(reqs.iter().zip(&want)).enumerate() {
-            let got = collect(&mut sub.events, r);
+            let got = common::collect(&mut sub.events, r);
             assert_same_completion(&got, w, &format!("{family} scheduler, request {i}"));
         }
         let st = s.stats();
@@ -186,46 +126,9 @@ fn preempted_sequences_finish_with_their_uncontended_tokens() {
             "{family}: nothing was preempted: {st:?}"
         );
         assert_eq!(st.kv_blocks_total, longest as u64);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while s.stats().running > 0 {
-            assert!(Instant::now() < deadline, "requests never retired");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        common::wait_idle(&s);
         assert_eq!(s.stats().kv_blocks_used, 0);
         drop(s);
         assert_eq!(served.model().backend().kv_blocks_live(), 0);
-    }
-}
-
-/// A streamed request's events as the completion `generate` would return.
-fn collect(events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>, r: &Request) -> Completion {
-    let mut out = Completion {
-        prompt_token_ids: r.prompt.clone(),
-        token_ids: Vec::new(),
-        logprobs: r.logprobs.map(|_| Vec::new()),
-        finish_reason: myriad_attention::FinishReason::Length,
-    };
-    loop {
-        match events
-            .blocking_recv()
-            .expect("the stream ended without Finished")
-        {
-            Event::PromptLogprobs(p) => {
-                if let Some(v) = out.logprobs.as_mut() {
-                    v.extend(p);
-                }
-            }
-            Event::Token { id, logprobs } => {
-                out.token_ids.push(id);
-                if let Some(v) = out.logprobs.as_mut() {
-                    v.push(logprobs);
-                }
-            }
-            Event::Finished { reason, .. } => {
-                out.finish_reason = reason;
-                return out;
-            }
-            Event::Failed(m) => panic!("request failed: {m}"),
-        }
     }
 }

@@ -301,7 +301,7 @@ impl Outcome {
                     assert_eq!(*completion_tokens, tokens.len());
                     reason = Some(*why);
                 }
-                Event::Failed(m) => panic!("request failed: {m}"),
+                Event::Failed(m) | Event::Unavailable(m) => panic!("request failed: {m}"),
             }
         }
         if echo_lp {

@@ -42,7 +42,7 @@ pub fn ensure(preset: Preset, family: Family) -> Result<PathBuf> {
         dir.display()
     );
     let started = std::time::Instant::now();
-    make_model(preset, family, &tmp, 0, WeightDtype::BF16, 1 << 30)?;
+    make_model(preset, family, &tmp, 0, WeightDtype::BF16, 1 << 30, None)?;
     eprintln!("made it in {:.1}s", started.elapsed().as_secs_f64());
     match std::fs::rename(&tmp, &dir) {
         Ok(()) => Ok(dir),

@@ -5,6 +5,8 @@
 //! - [`cluster`]: where routed experts run (in-process, an in-process cluster, QUIC nodes).
 //! - [`builtin`]: the built-in model made on first use when no `--model` is given.
 //! - [`device`]: the one place that chooses the compute backend.
+//! - [`disagg`]: prefill/decode disaggregation between attention nodes (roles, the state
+//!   transfer, the decode side's engine).
 //! - [`lifecycle`]: the `ready` line and the stop signals every long-running role shares.
 //! - [`control`]: the control-plane flags and the attention node's control-plane tasks.
 //! - [`cmd`]: `generate`, `make-model`, `bench`.
@@ -16,6 +18,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod control;
 pub mod device;
+pub mod disagg;
 pub mod lifecycle;
 pub mod local;
 pub mod metrics;

@@ -33,6 +33,11 @@ fn launch(dir: &Path, nodes: usize, replicas: usize) -> Cluster {
         ping_pong: false,
         ready_timeout_s: 120,
         etcd: None,
+        http: None,
+        prefill_nodes: 0,
+        decode_nodes: 1,
+        disagg_min_prompt_tokens: 1024,
+        kv_cache_gb: 4.0,
         runtime: RuntimeArgs {
             threads: 1,
             isa: None,

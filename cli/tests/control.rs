@@ -46,7 +46,7 @@ fn stream_one(scheduler: &Scheduler, prompt: usize, request: myriad_attention::R
             match submission.events.blocking_recv() {
                 Some(Event::Token { id, .. }) => tokens.push(id),
                 Some(Event::Finished { .. }) => break Ok(()),
-                Some(Event::Failed(e)) => break Err(e),
+                Some(Event::Failed(e) | Event::Unavailable(e)) => break Err(e),
                 Some(Event::PromptLogprobs(_)) => {}
                 None => break Err("the scheduler dropped the request".to_string()),
             }

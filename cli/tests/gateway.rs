@@ -2,9 +2,10 @@
 //! processes (the tiny fixture, one kernel thread each): answers through the gateway equal the
 //! same requests sent to a node directly (whole and streamed), requests spread over both
 //! nodes, the gateway's API key is enforced and the nodes' own key is sent upstream in its
-//! place, a client that goes away cancels the sequence on its node, a node that answers 503
-//! is retried on another, and with one node killed requests still succeed, with both killed
-//! they get a 503 OpenAI error object.
+//! place, the nodes' load reports and serve paths reach the gateway's metrics, a client that
+//! goes away cancels the sequence on its node, a node that answers 503 is retried on another,
+//! and with one node killed requests still succeed, with both killed they get a 503 OpenAI
+//! error object.
 
 #![allow(clippy::unwrap_used)]
 
@@ -189,7 +190,8 @@ fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 }
 
 /// A node that is up (`/health` 200) but refuses every request with a 503, as a node whose
-/// engine has stopped does.
+/// engine has stopped does. It has no load reports (`/internal/load` is a 404, as on a node
+/// older than them), which the gateway tolerates.
 fn refusing_node() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -215,6 +217,8 @@ fn refusing_node() -> String {
             let _ = reader.read_exact(&mut body);
             let (status, body) = if first.starts_with("GET /health ") {
                 ("200 OK", String::new())
+            } else if first.starts_with("GET /internal/load ") {
+                ("404 Not Found", String::new())
             } else {
                 (
                     "503 Service Unavailable",
@@ -314,7 +318,18 @@ fn the_gateway_fronts_attention_nodes() {
         let r = http(&g, "POST", "/v1/completions", key, Some(&completion));
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(answer(&r.json()), expected);
+        // The node says how it served the request; the gateway passes that on.
+        assert_eq!(r.header("x-myriad-path"), Some("direct"), "{:?}", r.headers);
     }
+    // The nodes' load reports, which the gateway polls: no key needed, mixed by default.
+    let load = http(&a_url, "GET", "/internal/load", None, None);
+    assert_eq!(load.status, 200, "{}", load.body);
+    assert_eq!(load.json()["role"], "mixed", "{}", load.body);
+    assert!(
+        load.json()["kv_blocks_total"].as_u64().unwrap() > 0,
+        "{}",
+        load.body
+    );
     let chat = json!({
         "model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": 10, "temperature": 0,
@@ -381,6 +396,18 @@ fn the_gateway_fronts_attention_nodes() {
             n >= 3.0,
             "{node} served {n} requests through the gateway:\n{m}"
         );
+    }
+    assert!(
+        sample(&m, "myriad_gateway_direct_requests_total") >= 8.0,
+        "every generation request was served directly:\n{m}"
+    );
+    assert_eq!(
+        sample(&m, "myriad_gateway_disaggregated_requests_total"),
+        0.0
+    );
+    for node in [&a_url, &b_url] {
+        let free = format!("myriad_gateway_node_kv_blocks_free{{node=\"{node}\"}}");
+        assert!(sample(&m, &free) > 0.0, "{free} in\n{m}");
     }
     let b_served = sample(
         &metrics(&b_url),

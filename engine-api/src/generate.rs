@@ -23,6 +23,9 @@ pub enum Event {
     },
     /// The request failed (the step it was in failed); no event follows.
     Failed(String),
+    /// The request could not be served for want of a node that can (every prefill node is
+    /// gone): a 503 to the client rather than a 500; no event follows.
+    Unavailable(String),
 }
 
 /// Why a request was not accepted.
@@ -50,6 +53,27 @@ pub enum SubmitError {
 pub struct Submission {
     pub id: u64,
     pub events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    /// How the request is served.
+    pub path: ServePath,
+}
+
+/// Whether a request's prompt is prefilled where it decodes, or on a prefill node whose
+/// state then moves here (disaggregated prefill).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServePath {
+    #[default]
+    Direct,
+    Disaggregated,
+}
+
+impl ServePath {
+    /// The value of the `x-myriad-path` response header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServePath::Direct => "direct",
+            ServePath::Disaggregated => "disaggregated",
+        }
+    }
 }
 
 /// Counters for `/metrics` and load decisions.

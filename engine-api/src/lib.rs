@@ -12,5 +12,5 @@
 pub mod generate;
 pub mod request;
 
-pub use generate::{Event, Generate, SchedulerStats, Submission, SubmitError};
+pub use generate::{Event, Generate, SchedulerStats, ServePath, Submission, SubmitError};
 pub use request::{FinishReason, PositionLogprobs, Request, SamplingParams, TokenLogprob};

@@ -1,7 +1,7 @@
 //! One generation request and what comes back for it, position by position.
 
 /// One generation request.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Request {
     pub prompt: Vec<u32>,
     /// Tokens to generate at most (0: prompt only, e.g. for prompt log-probabilities).
@@ -32,7 +32,7 @@ impl Request {
 }
 
 /// Why a sequence ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {
     /// An end-of-sequence or stop token.
     Stop,
@@ -50,7 +50,7 @@ impl FinishReason {
 }
 
 /// The log-probability of the token at one position and the most likely alternatives there.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PositionLogprobs {
     pub token_id: u32,
     pub logprob: f32,
@@ -58,7 +58,7 @@ pub struct PositionLogprobs {
 }
 
 /// How to pick the next token.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// 0 means greedy.
     pub temperature: f32,
@@ -96,7 +96,7 @@ impl SamplingParams {
 }
 
 /// A token with its log-probability.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenLogprob {
     pub token_id: u32,
     pub logprob: f32,

@@ -20,6 +20,8 @@ pub mod train;
 pub use chat_template::{CHAT_TEMPLATE_FILE, ChatTemplate, TemplateError};
 pub use config::{AddedTokenEntry, ConfigError, TOKENIZER_CONFIG_FILE, TokenizerConfig};
 pub use decode_stream::{DecodeState, DecodeStream};
-pub use http::{GatewayConfig, GatewayError, GatewayState, bind_and_serve, router, serve};
+pub use http::{
+    GatewayConfig, GatewayError, GatewayState, LoadReport, bind_and_serve, router, serve,
+};
 pub use tokenizer::{TOKENIZER_FILE, Tokenizer, TokenizerError};
 pub use train::{CHAT_TEMPLATE, TokenizerFiles, TokenizerSpec, TrainError, train_tokenizer};

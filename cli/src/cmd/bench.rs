@@ -33,6 +33,12 @@ pub enum BenchCmd {
     Dispatch(crate::cmd::bench_dispatch::DispatchArgs),
     /// Control plane: imbalance before/after a rebalance, step times during it, failover time.
     Control(crate::cmd::bench_control::ControlBenchArgs),
+    /// Long contexts: state bytes per token (computed and measured from the KV pool), and a
+    /// batch-1 decode step at each context against the roofline of weights plus KV read.
+    Context(crate::cmd::bench_context::ContextArgs),
+    /// State transfer from a prefill node to a decode node (QUIC, mutual TLS, loopback)
+    /// against a memcpy of the same bytes.
+    Transfer(crate::cmd::bench_transfer::TransferArgs),
 }
 
 #[derive(Args, Debug)]
@@ -80,13 +86,13 @@ pub struct PrefillArgs {
 }
 
 /// Ceilings measured on this machine now.
-struct Ceilings {
-    bandwidth_gb_s: f64,
-    matmul_gflop_s: f64,
-    probe: ReadProbe,
+pub(crate) struct Ceilings {
+    pub(crate) bandwidth_gb_s: f64,
+    pub(crate) matmul_gflop_s: f64,
+    pub(crate) probe: ReadProbe,
 }
 
-fn ceilings(e: &LocalEngine) -> Ceilings {
+pub(crate) fn ceilings(e: &LocalEngine) -> Ceilings {
     let (pool, isa) = (e.backend.pool(), e.backend.isa());
     let probe = ReadProbe::new(1 << 30);
     Ceilings {
@@ -108,7 +114,7 @@ fn ceilings(e: &LocalEngine) -> Ceilings {
 /// Read bandwidth (GB/s) right now: the median of three 256 MiB passes. Taken just before
 /// and after each timed window, so a decode figure is compared with the memory system the
 /// host gave us at that moment (this VM's bandwidth swings by ±30% within a minute).
-fn bandwidth_now(e: &LocalEngine, probe: &ReadProbe) -> f64 {
+pub(crate) fn bandwidth_now(e: &LocalEngine, probe: &ReadProbe) -> f64 {
     let (pool, isa) = (e.backend.pool(), e.backend.isa());
     let mut v: Vec<f64> = (0..3)
         .map(|_| probe.gb_s(pool, isa, 256 << 20, 1))
@@ -117,7 +123,7 @@ fn bandwidth_now(e: &LocalEngine, probe: &ReadProbe) -> f64 {
     v[1]
 }
 
-fn load(c: &CommonArgs) -> Result<LocalEngine> {
+pub(crate) fn load(c: &CommonArgs) -> Result<LocalEngine> {
     let dir = match &c.model {
         Some(d) => d.clone(),
         None => crate::builtin::ensure(Preset::Bench, Family::Qwen35Moe)?,
@@ -143,8 +149,8 @@ pub(crate) fn prompt(config: &ModelConfig, len: usize, seed: u64) -> Vec<u32> {
 
 /// Counts the distinct experts each layer's routing touches.
 #[derive(Default)]
-struct ExpertsTouched {
-    distinct: usize,
+pub(crate) struct ExpertsTouched {
+    pub(crate) distinct: usize,
 }
 
 impl Trace for ExpertsTouched {
@@ -165,6 +171,8 @@ pub fn run(cmd: &BenchCmd) -> Result<()> {
         BenchCmd::Prefill(a) => prefill(a),
         BenchCmd::Dispatch(a) => crate::cmd::bench_dispatch::run(a),
         BenchCmd::Control(a) => crate::cmd::bench_control::run(a),
+        BenchCmd::Context(a) => crate::cmd::bench_context::run(a),
+        BenchCmd::Transfer(a) => crate::cmd::bench_transfer::run(a),
     }
 }
 
@@ -402,7 +410,7 @@ fn prefill(a: &PrefillArgs) -> Result<()> {
     report(&a.common, &ceil, "prefill", runs)
 }
 
-fn report(c: &CommonArgs, ceil: &Ceilings, kind: &str, runs: Vec<Value>) -> Result<()> {
+pub(crate) fn report(c: &CommonArgs, ceil: &Ceilings, kind: &str, runs: Vec<Value>) -> Result<()> {
     if c.output == OutputFormat::Json {
         println!(
             "{}",

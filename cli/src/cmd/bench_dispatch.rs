@@ -258,6 +258,11 @@ pub fn run(a: &DispatchArgs) -> Result<()> {
             ping_pong: false,
             ready_timeout_s: 600,
             etcd: None,
+            http: None,
+            prefill_nodes: 0,
+            decode_nodes: 1,
+            disagg_min_prompt_tokens: 1024,
+            kv_cache_gb: 4.0,
             runtime: a.runtime.clone(),
         };
         let cluster = start_cluster(&exe, &dir, &launch)?;

@@ -1,7 +1,8 @@
 //! `myriad gateway --attention-nodes URL,…`: the distributed front door. An HTTP reverse proxy
 //! (`myriad_gateway::proxy`) in front of attention nodes that serve the OpenAI API themselves
-//! (`myriad node attention --http`): its own API keys, the least-loaded healthy node per
-//! request, responses and SSE streams relayed as they come, retries on another node while
+//! (`myriad node attention --http`): its own API keys, the least-loaded decode or mixed node per
+//! request (by the load each node reports at `/internal/load`; prefill nodes take no client
+//! requests), responses and SSE streams relayed as they come, retries on another node while
 //! nothing has reached the client, health checks, `/metrics`.
 
 use std::net::SocketAddr;
@@ -36,7 +37,8 @@ pub struct GatewayArgs {
     /// Largest request body, in MiB (larger: 413).
     #[arg(long, default_value_t = 32)]
     pub max_body_mb: usize,
-    /// Time between health checks of each node (`GET /health`), in milliseconds.
+    /// Time between health checks of each node (`GET /health`, and `GET /internal/load` for
+    /// its role and load), in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub health_interval_ms: u64,
     /// How long one health check may take, in milliseconds.

@@ -1,7 +1,8 @@
 //! `myriad launch`: a whole cluster on this machine. Starts N expert-node processes on
 //! loopback (mutual TLS with a freshly generated CA unless `--insecure-dev-certs`), waits until
 //! each is ready, then runs the attention side in this process on JSON request lines from
-//! stdin. The expert nodes are stopped when it finishes, fails, or gets SIGINT/SIGTERM.
+//! stdin. The expert nodes are stopped when it finishes, fails, or gets SIGINT/SIGTERM. With
+//! `--http`, a serving cluster instead (`launch_serve.rs`).
 
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
@@ -50,6 +51,23 @@ pub struct LaunchArgs {
     /// static placement file).
     #[arg(long)]
     pub etcd: Option<String>,
+    /// Serve the OpenAI API on HOST:PORT with every role as its own process: the expert
+    /// nodes (none: each attention node runs every expert), --prefill-nodes, --decode-nodes
+    /// and the gateway (see `launch_serve.rs`). Without it, requests are JSON lines on stdin.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "etcd")]
+    pub http: Option<String>,
+    /// With --http: prefill-node processes (long prompts are prefilled there).
+    #[arg(long, default_value_t = 0)]
+    pub prefill_nodes: usize,
+    /// With --http: decode-node processes behind the gateway.
+    #[arg(long, default_value_t = 1)]
+    pub decode_nodes: usize,
+    /// With --http: prompts of at least this many tokens go through a prefill node.
+    #[arg(long, default_value_t = 1024)]
+    pub disagg_min_prompt_tokens: usize,
+    /// With --http: each attention node's KV block pool, in GiB.
+    #[arg(long, default_value_t = 4.0)]
+    pub kv_cache_gb: f64,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -382,6 +400,9 @@ pub fn run(a: &LaunchArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the myriad binary")?;
     if let Some(etcd) = &a.etcd {
         return run_controlled(a, &exe, &dir, etcd);
+    }
+    if let Some(http) = &a.http {
+        return crate::cmd::launch_serve::run(a, &exe, &dir, http);
     }
     let cluster = start_cluster(&exe, &dir, a)?;
     eprintln!(

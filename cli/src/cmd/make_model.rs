@@ -51,6 +51,11 @@ pub struct MakeModelArgs {
     /// Largest shard file in MiB (0: a single model.safetensors).
     #[arg(long, default_value_t = 1024)]
     pub shard_mb: u64,
+    /// The model's context (`max_position_embeddings`) instead of the preset's, e.g. 1048576
+    /// for long-context tests and benchmarks (RoPE works at any position; the weights are
+    /// random anyway).
+    #[arg(long)]
+    pub max_positions: Option<usize>,
 }
 
 impl PresetArg {
@@ -80,8 +85,13 @@ pub fn make_model(
     seed: u64,
     dtype: WeightDtype,
     shard_bytes: u64,
+    max_positions: Option<usize>,
 ) -> Result<SynthReport> {
-    let config = preset.config(family);
+    let mut config = preset.config(family);
+    if let Some(n) = max_positions {
+        anyhow::ensure!(n > 0, "--max-positions must be at least 1");
+        config.max_position_embeddings = n;
+    }
     let report = write_random_model(
         out,
         &SynthSpec {
@@ -117,6 +127,7 @@ pub fn run(args: &MakeModelArgs) -> Result<()> {
         args.seed,
         dtype,
         args.shard_mb * (1 << 20),
+        args.max_positions,
     )?;
     eprintln!(
         "wrote {} ({} parameters, {:.2} GB of weights in {} files) in {:.1} s",

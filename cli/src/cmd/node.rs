@@ -5,7 +5,9 @@
 //! every expert itself, as `myriad serve` does), and either serves the OpenAI API with
 //! `--http HOST:PORT` (the same server as `myriad serve`, for `myriad gateway
 //! --attention-nodes` to front) or, without it, takes generation requests as JSON lines on
-//! stdin and writes one completion per line on stdout.
+//! stdin and writes one completion per line on stdout. With `--http`, `--role` and
+//! `--prefill-nodes` make it a prefill or decode node of a disaggregated cluster
+//! (`crate::disagg`).
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -26,13 +28,16 @@ use myriad_expert::ExpertShard;
 
 use crate::cluster::{ClusterArgs, TlsArgs, io_runtime, routed_expert_bytes, serve_shard};
 use crate::cmd::generate::completion_json;
-use crate::cmd::serve::{ApiArgs, dir_name, serve_api};
+use crate::cmd::serve::{ApiArgs, dir_name, serve_api_with};
 use crate::control::ControlArgs;
+use crate::disagg::DisaggArgs;
 use crate::lifecycle::shutdown_signal;
 use crate::local::{LocalEngine, load_with};
 use crate::metrics::serve_expert_metrics;
 use crate::runtime::RuntimeArgs;
 
+// Parsed once at start-up and never moved around: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum NodeCmd {
     /// Serve a shard of the routed experts of every layer.
@@ -94,8 +99,12 @@ pub struct AttentionArgs {
     /// With --http: the API's settings, as `myriad serve` takes them.
     #[command(flatten)]
     pub api: ApiArgs,
+    /// With --http: prefill/decode disaggregation (`--role`, `--prefill-nodes`, …).
+    #[command(flatten)]
+    pub disagg: DisaggArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    /// Also used for state transfers between prefill and decode nodes.
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -110,6 +119,7 @@ pub fn run(cmd: &NodeCmd) -> Result<()> {
 }
 
 fn attention(a: &AttentionArgs) -> Result<()> {
+    a.disagg.check(a.http.is_some(), &a.tls)?;
     if a.cluster.placement.is_none()
         && a.cluster.expert_nodes.is_empty()
         && !a.cluster.control.enabled()
@@ -130,7 +140,21 @@ fn attention(a: &AttentionArgs) -> Result<()> {
         .served_model_name
         .clone()
         .unwrap_or_else(|| dir_name(&a.model));
-    serve_api(local, &a.model, &name, &a.api, keys, addr)
+    let max_body = a.api.max_body_mb << 20;
+    let node_keys = keys.clone();
+    serve_api_with(
+        local,
+        &a.model,
+        &name,
+        &a.api,
+        keys,
+        addr,
+        |local, scheduler, runtime| {
+            crate::disagg::setup(
+                &a.disagg, &a.tls, &node_keys, max_body, local, scheduler, runtime,
+            )
+        },
+    )
 }
 
 fn expert(a: &ExpertArgs) -> Result<()> {

@@ -135,6 +135,29 @@ pub fn dir_name(dir: &Path) -> String {
         .unwrap_or_else(|| "myriad".into())
 }
 
+/// What a node serves besides the plain API, decided once its scheduler and HTTP runtime exist
+/// (`myriad node attention --role …` builds a disaggregating engine over the scheduler and,
+/// on prefill nodes, the internal prefill endpoint).
+pub struct ApiSetup {
+    /// The engine the API submits to: the scheduler itself, or an engine wrapping it.
+    pub engine: Arc<dyn Generate>,
+    /// `GatewayConfig::role`: `prefill`, `decode` or `mixed`.
+    pub role: String,
+    /// Routes served beside the API's (on the same listener).
+    pub routes: Option<axum::Router>,
+}
+
+impl ApiSetup {
+    /// The API over the scheduler alone, as `myriad serve` runs it.
+    pub fn plain(scheduler: Arc<Scheduler>) -> Self {
+        ApiSetup {
+            engine: scheduler,
+            role: "mixed".into(),
+            routes: None,
+        }
+    }
+}
+
 /// Serves the OpenAI API over `local` on `addr` until SIGINT or SIGTERM: the scheduler
 /// (continuous batching) on its own thread, the HTTP server on a small runtime. Prints
 /// `ready http://ADDR` on stdout once it accepts connections.
@@ -146,28 +169,50 @@ pub fn serve_api(
     keys: Vec<String>,
     addr: &str,
 ) -> Result<()> {
-    let scheduler = Scheduler::start(
+    serve_api_with(local, dir, name, api, keys, addr, |_, scheduler, _| {
+        Ok(ApiSetup::plain(scheduler))
+    })
+}
+
+/// [`serve_api`] with what `setup` makes of the scheduler: the engine the API uses, the role
+/// it reports and extra routes. `setup` runs with the HTTP runtime, which outlives everything
+/// it starts there.
+pub fn serve_api_with(
+    local: LocalEngine,
+    dir: &Path,
+    name: &str,
+    api: &ApiArgs,
+    keys: Vec<String>,
+    addr: &str,
+    setup: impl FnOnce(&LocalEngine, Arc<Scheduler>, &tokio::runtime::Runtime) -> Result<ApiSetup>,
+) -> Result<()> {
+    let scheduler = Arc::new(Scheduler::start(
         local.engine.clone(),
         SchedulerConfig {
             kv_cache_bytes: (api.kv_cache_gb * (1u64 << 30) as f64) as u64,
             max_waiting: api.max_waiting,
         },
-    );
-    let engine: Arc<dyn Generate> = Arc::new(scheduler);
-    let mut config = GatewayConfig::new(name);
-    config.api_keys = keys;
-    config.max_body_bytes = api.max_body_mb << 20;
-    config.default_max_tokens = (api.default_max_tokens > 0).then_some(api.default_max_tokens);
-    let state = Arc::new(
-        GatewayState::from_model_dir(config, dir, engine)
-            .with_context(|| format!("setting up the API for {}", dir.display()))?,
-    );
+    ));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("myriad-http")
         .enable_all()
         .build()
         .context("starting the HTTP runtime")?;
+    let ApiSetup {
+        engine,
+        role,
+        routes,
+    } = setup(&local, scheduler, &runtime)?;
+    let mut config = GatewayConfig::new(name);
+    config.api_keys = keys;
+    config.max_body_bytes = api.max_body_mb << 20;
+    config.default_max_tokens = (api.default_max_tokens > 0).then_some(api.default_max_tokens);
+    config.role = role;
+    let state = Arc::new(
+        GatewayState::from_model_dir(config, dir, engine)
+            .with_context(|| format!("setting up the API for {}", dir.display()))?,
+    );
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(addr))
         .with_context(|| format!("listening on {addr}"))?;
@@ -183,15 +228,18 @@ pub fn serve_api(
             "API key required"
         }
     );
+    let mut app = myriad_gateway::router(state);
+    if let Some(routes) = routes {
+        app = app.merge(routes);
+    }
     crate::lifecycle::announce_ready(&format!("http://{bound}"))?;
     runtime
-        .block_on(myriad_gateway::serve(
-            listener,
-            myriad_gateway::router(state),
-            shutdown_signal(),
-        ))
+        .block_on(myriad_gateway::serve(listener, app, shutdown_signal()))
         .context("serving HTTP")?;
     eprintln!("stopped");
+    // The tasks the setup started (hand-offs, the state receiver) go with the runtime, before
+    // the engine they use.
+    drop(runtime);
     drop(local);
     Ok(())
 }

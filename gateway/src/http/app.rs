@@ -1,6 +1,7 @@
 //! The server as a whole: the routes ([`router`]) over the shared [`GatewayState`], the accept
 //! loop with graceful shutdown ([`serve`]), the request-counting middleware and the small
-//! endpoints (`/v1/models`, `/health`, `/metrics`, unknown paths).
+//! endpoints (`/v1/models`, `/health`, `/metrics`, unknown paths; `/internal/load` is in
+//! `load.rs`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,10 +18,11 @@ use super::error::ApiError;
 use super::metrics::{CONTENT_TYPE, endpoint_label};
 use super::openai::{ModelCard, ModelList};
 use super::state::{GatewayError, GatewayState};
-use super::{auth, chat, completions};
+use super::{auth, chat, completions, load};
 
 /// All routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-/// `GET /v1/models/{model}` (behind the API keys), `GET /health`, `GET /metrics`.
+/// `GET /v1/models/{model}` (behind the API keys), `GET /health`, `GET /metrics`,
+/// `GET /internal/load` (the node's load for the proxy; unauthenticated, cluster-internal).
 pub fn router(state: Arc<GatewayState>) -> Router {
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat::handle))
@@ -31,6 +33,7 @@ pub fn router(state: Arc<GatewayState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route(load::LOAD_PATH, get(load::handle))
         .merge(v1)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.config().max_body_bytes))

@@ -14,6 +14,7 @@ use myriad_engine_api::FinishReason;
 use super::chat_request::{ChatRequest, Prompt, render_prompt};
 use super::error::ApiError;
 use super::generation::{Finish, Generation, Step};
+use super::load;
 use super::openai::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs, ChatMessage,
     ChatTokenLogprob, FunctionOut, ToolCallDelta, ToolCallOut, Usage, random_id, unix_now,
@@ -58,6 +59,7 @@ async fn run(
         .requests(&prompt.ids, max_tokens, req.logprobs, false)
         .collect();
     let generation = Generation::submit(Arc::clone(&state), requests, &req.common.output_rules())?;
+    let path = generation.path();
     state.metrics().prompt_tokens(prompt.ids.len());
 
     let out = Output {
@@ -91,9 +93,12 @@ async fn run(
             })
             .collect();
         let keep_alive = state.config().keep_alive;
-        return Ok(SseStream::new(generation, out, first).into_response(keep_alive));
+        let response = SseStream::new(generation, out, first).into_response(keep_alive);
+        return Ok(load::with_path(response, path));
     }
-    collect(generation, out).await
+    collect(generation, out)
+        .await
+        .map(|r| load::with_path(r, path))
 }
 
 /// One choice's output so far.
@@ -366,7 +371,7 @@ async fn collect(mut generation: Generation, mut out: Output) -> Result<Response
         for step in steps {
             match step {
                 Step::PromptLogprobs(_) => {}
-                Step::Failed(message) => return Err(ApiError::internal(message)),
+                Step::Failed(error) => return Err(error),
                 Step::Token { text, logprobs, .. } => {
                     let pieces = out.token(i, &text, logprobs.as_ref());
                     absorb(&mut out.choices[i], pieces);

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::generation::{Generation, Step};
+use super::load;
 use super::openai::{
     ChunkUsage, Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, Usage,
     random_id, unix_now,
@@ -187,6 +188,7 @@ async fn run(
         requests.extend(common.requests(&prompt.ids, max_tokens, logprobs, echo));
     }
     let generation = Generation::submit(Arc::clone(&state), requests, &common.output_rules())?;
+    let path = generation.path();
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
     state.metrics().prompt_tokens(prompt_tokens);
 
@@ -213,9 +215,12 @@ async fn run(
     };
     if out.req.stream {
         let keep_alive = state.config().keep_alive;
-        return Ok(SseStream::new(generation, out, Vec::new()).into_response(keep_alive));
+        let response = SseStream::new(generation, out, Vec::new()).into_response(keep_alive);
+        return Ok(load::with_path(response, path));
     }
-    collect(generation, out).await
+    collect(generation, out)
+        .await
+        .map(|r| load::with_path(r, path))
 }
 
 struct ChoiceOutput {
@@ -368,8 +373,8 @@ impl ChunkSink for Output {
 
 async fn collect(mut generation: Generation, mut out: Output) -> Result<Response, ApiError> {
     while let Some((i, steps)) = generation.next().await {
-        if let Some(Step::Failed(message)) = steps.iter().find(|s| matches!(s, Step::Failed(_))) {
-            return Err(ApiError::internal(message.clone()));
+        if let Some(Step::Failed(error)) = steps.iter().find(|s| matches!(s, Step::Failed(_))) {
+            return Err(error.clone());
         }
         for piece in out.pieces(i, steps) {
             let choice = &mut out.choices[i];

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use myriad_engine_api::{Event, FinishReason, PositionLogprobs, Request, Submission};
+use myriad_engine_api::{Event, FinishReason, PositionLogprobs, Request, ServePath, Submission};
 use serde_json::Value;
 
 use super::error::ApiError;
@@ -48,7 +48,8 @@ pub(crate) enum Step {
     /// The sequence ended; no step follows.
     Finished(Finish),
     /// The sequence failed; no step follows.
-    Failed(String),
+    /// The error the response ends with (a 500, or a 503 when no node could serve it).
+    Failed(ApiError),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +83,8 @@ pub(crate) struct Generation {
     /// Where the next poll starts, so that one busy sequence cannot starve the others.
     next: usize,
     live: usize,
+    /// How the engine serves the request: disaggregated if any sequence is.
+    path: ServePath,
 }
 
 impl Generation {
@@ -94,10 +97,14 @@ impl Generation {
     ) -> Result<Self, ApiError> {
         let started = Instant::now();
         let mut sequences = Vec::with_capacity(requests.len());
+        let mut path = ServePath::Direct;
         for request in requests {
             let prompt_len = request.prompt.len();
             // On error the `sequences` built so far are dropped, cancelling them.
             let submission = state.engine().submit(request)?;
+            if submission.path == ServePath::Disaggregated {
+                path = ServePath::Disaggregated;
+            }
             sequences.push(Sequence {
                 submission: Some(submission),
                 decode: DecodeState::new(rules.skip_special_tokens),
@@ -110,6 +117,7 @@ impl Generation {
         }
         state.metrics().request_started();
         Ok(Generation {
+            path,
             live: sequences.len(),
             state,
             sequences,
@@ -139,6 +147,11 @@ impl Generation {
         Poll::Pending
     }
 
+    /// How the engine serves the request (the `x-myriad-path` response header).
+    pub(crate) fn path(&self) -> ServePath {
+        self.path
+    }
+
     pub(crate) async fn next(&mut self) -> Option<(usize, Vec<Step>)> {
         poll_fn(|cx| self.poll_next(cx)).await
     }
@@ -165,7 +178,10 @@ impl Generation {
                     match seq.decode.step(tokenizer, id) {
                         Ok(text) => text.unwrap_or_default(),
                         Err(e) => {
-                            return self.fail(i, format!("cannot detokenize the output: {e}"));
+                            return self.fail(
+                                i,
+                                ApiError::internal(format!("cannot detokenize the output: {e}")),
+                            );
                         }
                     }
                 };
@@ -195,7 +211,12 @@ impl Generation {
             }) => {
                 let rest = match seq.decode.finish(tokenizer) {
                     Ok(rest) => rest,
-                    Err(e) => return self.fail(i, format!("cannot detokenize the output: {e}")),
+                    Err(e) => {
+                        return self.fail(
+                            i,
+                            ApiError::internal(format!("cannot detokenize the output: {e}")),
+                        );
+                    }
                 };
                 let released = seq.stop.push(&rest);
                 let (tail, reason, stop_reason) = match released.stopped {
@@ -221,17 +242,18 @@ impl Generation {
                 self.close(i);
                 steps
             }
-            Some(Event::Failed(message)) => self.fail(i, message),
+            Some(Event::Failed(message)) => self.fail(i, ApiError::internal(message)),
+            Some(Event::Unavailable(message)) => self.fail(i, ApiError::unavailable(message)),
             None => self.fail(
                 i,
-                "the engine dropped the request before it finished".into(),
+                ApiError::internal("the engine dropped the request before it finished"),
             ),
         }
     }
 
-    fn fail(&mut self, i: usize, message: String) -> Vec<Step> {
+    fn fail(&mut self, i: usize, error: ApiError) -> Vec<Step> {
         self.close(i);
-        vec![Step::Failed(message)]
+        vec![Step::Failed(error)]
     }
 
     fn close(&mut self, i: usize) {

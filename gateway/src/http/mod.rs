@@ -11,6 +11,8 @@
 //! - `stop`, `reasoning`, `tools`: incremental text processing (stop strings, `<think>`,
 //!   `<tool_call>`), so streamed and full responses agree.
 //! - `logprobs`: both log-probability formats; `metrics`: Prometheus `/metrics`.
+//! - [`load`]: what a node tells the proxy in front of it: its load (`/internal/load`) and
+//!   which path served each generation request (`x-myriad-path`).
 //!
 //! The engine is reached only through `myriad_engine_api::Generate`.
 
@@ -21,6 +23,7 @@ mod chat_request;
 mod completions;
 pub mod error;
 mod generation;
+pub mod load;
 mod logprobs;
 pub mod metrics;
 mod openai;
@@ -33,5 +36,6 @@ mod tools;
 
 pub use app::{bind_and_serve, router, serve};
 pub use error::ApiError;
+pub use load::{LOAD_PATH, LoadReport, PATH_HEADER};
 pub use metrics::Metrics;
 pub use state::{GatewayConfig, GatewayError, GatewayState};

@@ -17,7 +17,6 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_core::Stream;
 
-use super::error::ApiError;
 use super::generation::{Generation, Step};
 
 /// Turns one endpoint's steps into chunk JSON texts.
@@ -74,14 +73,14 @@ impl<S: ChunkSink> Stream for SseStream<S> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some((index, steps))) => {
                     let failed = steps.iter().find_map(|s| match s {
-                        Step::Failed(m) => Some(m.clone()),
+                        Step::Failed(e) => Some(e.clone()),
                         _ => None,
                     });
                     match failed {
-                        Some(message) => {
+                        Some(error) => {
                             // Drop the other sequences too: the response cannot complete.
                             this.generation = None;
-                            out.push(ApiError::internal(message).body().to_string());
+                            out.push(error.body().to_string());
                             out.push("[DONE]".into());
                         }
                         None => this.sink.steps(index, steps, &mut out),

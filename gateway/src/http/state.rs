@@ -40,6 +40,10 @@ pub struct GatewayConfig {
     pub tool_calls: bool,
     /// Interval of SSE keep-alive comments while a stream waits for the engine; `None`: never.
     pub keep_alive: Option<Duration>,
+    /// This node's part in prefill/decode disaggregation: `prefill`, `decode` or `mixed`
+    /// (the default: a node that does both), as `GET /internal/load` reports it to the proxy,
+    /// which sends clients' requests to decode and mixed nodes only.
+    pub role: String,
 }
 
 impl GatewayConfig {
@@ -56,6 +60,7 @@ impl GatewayConfig {
             reasoning: true,
             tool_calls: true,
             keep_alive: Some(Duration::from_secs(15)),
+            role: "mixed".to_string(),
         }
     }
 

@@ -82,13 +82,17 @@ pub(crate) async fn exchange(
     Ok((response, connection))
 }
 
-/// `GET path` on `node` within `limit` (connection, head and body): the status.
-pub(crate) async fn get_status(
+/// Most of a health check's or load report's body read.
+const MAX_SMALL_BODY: usize = 64 << 10;
+
+/// `GET path` on `node` within `limit` (connection, head and body): the status and (up to
+/// 64 KiB of) the body.
+pub(crate) async fn get(
     node: &NodeUrl,
     path: &str,
     api_key: Option<&str>,
     limit: Duration,
-) -> Result<u16, UpstreamError> {
+) -> Result<(u16, Bytes), UpstreamError> {
     let exchange = async {
         let mut request = hyper::Request::get(node.target(path))
             .header(hyper::header::HOST, node.authority())
@@ -101,9 +105,9 @@ pub(crate) async fn get_status(
             .map_err(|e| UpstreamError::Exchange(e.to_string()))?;
         let (response, _connection) = exchange(node, request, limit).await?;
         let status = response.status().as_u16();
-        // Read the (small) body so the node sees a complete exchange.
-        read_body(response.into_body(), 64 << 10).await;
-        Ok(status)
+        // Read the (small) body, also so the node sees a complete exchange.
+        let body = read_body(response.into_body(), MAX_SMALL_BODY).await;
+        Ok((status, body))
     };
     tokio::time::timeout(limit, exchange)
         .await

@@ -3,7 +3,10 @@
 //! a response head, or a 503) is replaced by the next choice, each node at most once; only when
 //! none is left does the client get a 503, as an OpenAI error object. Once a node's response
 //! head has arrived the proxy is committed to it: its status, headers and body go to the
-//! client unchanged, the body frame by frame as it comes.
+//! client unchanged, the body frame by frame as it comes. If that body breaks off, a stream of
+//! server-sent events ends with an error event and `[DONE]`, as a node ends a stream whose
+//! sequence failed, so clients see why it stopped; any other body is cut, as the node's was.
+//! Generation requests are counted by the path that served them (the node's `x-myriad-path`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,11 +20,15 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, he
 use axum::response::{IntoResponse, Response};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
+use myriad_engine_api::ServePath;
+use serde::Serialize;
 
 use super::client::{self, Connection};
 use super::nodes::InFlight;
 use super::state::ProxyState;
+use crate::http::PATH_HEADER;
 use crate::http::error::ApiError;
+use crate::http::metrics::endpoint_label;
 
 /// Most of a 503 body kept, to pass on when no other node takes the request.
 const MAX_KEPT_BODY: usize = 64 << 10;
@@ -104,7 +111,10 @@ pub(crate) async fn handle(
             }
             Ok((response, connection)) => {
                 state.metrics.upstream(i, Some(response.status().as_u16()));
-                return relay(response, connection, in_flight);
+                if is_generation(&method, uri.path()) && response.status().is_success() {
+                    state.metrics.served(serve_path(response.headers()));
+                }
+                return relay(response, connection, in_flight, &node.label);
             }
         }
     }
@@ -122,6 +132,24 @@ pub(crate) async fn handle(
         ),
     };
     ApiError::unavailable(message).into_response()
+}
+
+/// Whether a request is one whose responses say how they were served.
+fn is_generation(method: &Method, path: &str) -> bool {
+    *method == Method::POST
+        && matches!(
+            endpoint_label(path),
+            "/v1/completions" | "/v1/chat/completions"
+        )
+}
+
+/// The path a node's response says served it; a node that does not say (an older one)
+/// served it directly.
+fn serve_path(headers: &HeaderMap) -> ServePath {
+    match headers.get(PATH_HEADER).map(HeaderValue::as_bytes) {
+        Some(b"disaggregated") => ServePath::Disaggregated,
+        _ => ServePath::Direct,
+    }
 }
 
 /// The client's headers as sent on: without hop-by-hop headers, `Host`, `Authorization`
@@ -185,16 +213,32 @@ fn build_request(
 }
 
 /// The node's response as the client's: same status and headers (less hop-by-hop ones), the
-/// body relayed as it arrives.
+/// body relayed as it arrives. An event stream loses any `Content-Length`, so that an error
+/// event can follow if the node's body breaks off.
 fn relay(
     response: hyper::Response<Incoming>,
     connection: Connection,
     in_flight: InFlight,
+    node: &str,
 ) -> Response {
     let (mut parts, incoming) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim_start().get(..17))
+        .is_some_and(|v| v.eq_ignore_ascii_case("text/event-stream"));
+    if sse {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     let body = Relay {
         incoming,
+        sse: sse.then(|| SseEnd {
+            node: node.to_string(),
+            at_boundary: true,
+        }),
+        done: false,
         _connection: connection,
         _in_flight: in_flight,
     };
@@ -206,8 +250,69 @@ fn relay(
 /// the connection to the node closes and the count goes down.
 struct Relay {
     incoming: Incoming,
+    /// Set for an event stream: what ending it with an error event needs.
+    sse: Option<SseEnd>,
+    done: bool,
     _connection: Connection,
     _in_flight: InFlight,
+}
+
+/// How an event stream that breaks off is ended.
+struct SseEnd {
+    /// The node's URL, for the error message.
+    node: String,
+    /// Whether what was relayed so far ends between two events (or nothing was).
+    at_boundary: bool,
+}
+
+/// The error object of a stream that broke off, as the nodes write error events.
+#[derive(Serialize)]
+struct ErrorEvent<'a> {
+    error: ErrorObject<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorObject<'a> {
+    message: &'a str,
+    r#type: &'static str,
+    param: Option<()>,
+    code: u16,
+}
+
+impl SseEnd {
+    /// The bytes that end the client's stream after the node's body failed (`reason`): an
+    /// error event, then `[DONE]`.
+    fn error_events(&self, reason: &str) -> Bytes {
+        let message = format!(
+            "the attention node {} failed mid-stream: {reason}",
+            self.node
+        );
+        let event = ErrorEvent {
+            error: ErrorObject {
+                message: &message,
+                r#type: "server_error",
+                param: None,
+                code: StatusCode::BAD_GATEWAY.as_u16(),
+            },
+        };
+        let json = serde_json::to_string(&event).unwrap_or_default();
+        // A blank line first ends an event the node was cut off in, so the error is an event
+        // of its own rather than the tail of a broken one.
+        let lead = if self.at_boundary { "" } else { "\n\n" };
+        Bytes::from(format!("{lead}data: {json}\n\ndata: [DONE]\n\n"))
+    }
+}
+
+/// An error with its causes: hyper's own message rarely says what happened to the socket.
+fn describe(error: &hyper::Error) -> String {
+    let mut reason = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        reason.push_str(": ");
+        reason.push_str(&e.to_string());
+        source = e.source();
+    }
+    reason
 }
 
 impl http_body::Body for Relay {
@@ -218,15 +323,43 @@ impl http_body::Body for Relay {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().incoming).poll_frame(cx)
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut this.incoming).poll_frame(cx);
+        match (polled, this.sse.as_mut()) {
+            (Poll::Ready(Some(Ok(frame))), Some(sse)) => {
+                if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
+                    sse.at_boundary = data.ends_with(b"\n\n");
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            (Poll::Ready(Some(Err(e))), Some(sse)) => {
+                let reason = describe(&e);
+                eprintln!("attention node {} failed mid-stream: {reason}", sse.node);
+                this.done = true;
+                Poll::Ready(Some(Ok(Frame::data(sse.error_events(&reason)))))
+            }
+            (Poll::Ready(None), _) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            (polled, _) => polled,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        self.done || self.incoming.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
+        if self.sse.is_some() {
+            // An error event may follow what the node sends.
+            SizeHint::default()
+        } else {
+            self.incoming.size_hint()
+        }
     }
 }
 
@@ -267,5 +400,21 @@ mod tests {
         assert_eq!(r.headers()[header::HOST], "n:1");
         assert_eq!(r.headers()[header::CONTENT_LENGTH], "2");
         assert_eq!(r.uri(), "/v1/completions");
+    }
+
+    #[test]
+    fn an_error_event_never_joins_a_cut_event() {
+        let mut end = SseEnd {
+            node: "http://n:1".into(),
+            at_boundary: true,
+        };
+        let whole = end.error_events("gone");
+        assert_eq!(
+            whole,
+            "data: {\"error\":{\"message\":\"the attention node http://n:1 failed mid-stream: \
+             gone\",\"type\":\"server_error\",\"param\":null,\"code\":502}}\n\ndata: [DONE]\n\n"
+        );
+        end.at_boundary = false;
+        assert_eq!(end.error_events("gone"), [&b"\n\n"[..], &whole].concat());
     }
 }

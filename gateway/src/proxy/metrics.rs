@@ -1,14 +1,18 @@
 //! The proxy's Prometheus metrics (text format 0.0.4; `app.rs` serves them): requests answered by
 //! endpoint and status; per attention node: requests sent by the node's status (`error` when
 //! no response head came back), requests in flight, health (`1` in rotation), failed health
-//! checks; retries on another node; healthy nodes.
+//! checks, the running sequences and free KV blocks of its last load report; retries on
+//! another node; healthy nodes; generation requests by the path that served them (direct or
+//! disaggregated prefill, from the node's `x-myriad-path` header).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use myriad_engine_api::ServePath;
 use myriad_metrics::MetricsText;
 
+use super::choice::Reported;
 use super::nodes::{Node, Nodes};
 use crate::http::metrics::requests_family;
 
@@ -20,6 +24,9 @@ pub(crate) struct ProxyMetrics {
     /// Requests sent, by node index and the node's status (`None`: no response head).
     upstream: Mutex<BTreeMap<(usize, Option<u16>), u64>>,
     retries: AtomicU64,
+    /// Generation requests served without and with disaggregated prefill.
+    direct: AtomicU64,
+    disaggregated: AtomicU64,
 }
 
 impl ProxyMetrics {
@@ -35,6 +42,15 @@ impl ProxyMetrics {
 
     pub fn retry(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A generation request a node accepted, by the path it says served it.
+    pub fn served(&self, path: ServePath) {
+        match path {
+            ServePath::Direct => &self.direct,
+            ServePath::Disaggregated => &self.disaggregated,
+        }
+        .fetch_add(1, Ordering::Relaxed);
     }
 
     /// One scrape.
@@ -72,8 +88,8 @@ impl ProxyMetrics {
             (
                 "myriad_proxy_node_up",
                 false,
-                "1 while an attention node is in rotation (healthy), else 0.",
-                |n| u64::from(n.healthy()),
+                "1 while an attention node is in rotation (healthy, not a prefill node), else 0.",
+                |n| u64::from(n.in_rotation()),
             ),
             (
                 "myriad_proxy_health_check_failures_total",
@@ -92,6 +108,44 @@ impl ProxyMetrics {
                 family.sample(&[("node", &node.label)], value(node) as f64);
             }
         }
+        // Only nodes that report their load have a sample: an older node's is unknown.
+        let reported: [(&str, &str, ReportedValue); 2] = [
+            (
+                "myriad_gateway_node_running",
+                "Sequences running on each attention node, as its last load report said.",
+                |r| r.running,
+            ),
+            (
+                "myriad_gateway_node_kv_blocks_free",
+                "Free KV-cache blocks on each attention node, as its last load report said.",
+                |r| r.kv_blocks_free,
+            ),
+        ];
+        for (name, help, value) in reported {
+            let family = m.gauge(name, help);
+            for node in nodes.iter() {
+                if let Some(r) = node.reported() {
+                    family.sample(&[("node", &node.label)], value(&r) as f64);
+                }
+            }
+        }
+        for (name, help, n) in [
+            (
+                "myriad_gateway_direct_requests_total",
+                "Generation requests an attention node accepted and served directly (prefilled \
+                 where they decode).",
+                &self.direct,
+            ),
+            (
+                "myriad_gateway_disaggregated_requests_total",
+                "Generation requests an attention node accepted and had prefilled on a prefill \
+                 node.",
+                &self.disaggregated,
+            ),
+        ] {
+            m.counter(name, help)
+                .sample(&[], n.load(Ordering::Relaxed) as f64);
+        }
         m.counter(
             "myriad_proxy_retries_total",
             "Requests sent to another node after one could not take them.",
@@ -105,11 +159,14 @@ impl ProxyMetrics {
 
 /// One per-node sample's value.
 type NodeValue = fn(&Node) -> u64;
+/// One value of a node's last load report.
+type ReportedValue = fn(&Reported) -> u64;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proxy::NodeUrl;
+    use crate::proxy::choice::Role;
 
     #[test]
     fn renders_every_node() {
@@ -119,12 +176,23 @@ mod tests {
             .collect();
         let nodes = Nodes::new(urls);
         nodes.get(1).check_passed();
+        nodes.get(1).record_load(Some((
+            Role::Decode,
+            Reported {
+                running: 4,
+                waiting: 1,
+                kv_blocks_free: 60,
+            },
+        )));
         let _busy = nodes.get(1).start();
         let m = ProxyMetrics::default();
         m.count_request("/v1/completions", 200);
         m.upstream(1, Some(200));
         m.upstream(0, None);
         m.retry();
+        m.served(ServePath::Disaggregated);
+        m.served(ServePath::Disaggregated);
+        m.served(ServePath::Direct);
         let text = m.render(&nodes);
         for line in [
             "myriad_proxy_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1\n",
@@ -135,8 +203,17 @@ mod tests {
             "myriad_proxy_node_up{node=\"http://b:2\"} 1\n",
             "myriad_proxy_retries_total 1\n",
             "myriad_proxy_healthy_nodes 1\n",
+            "myriad_gateway_node_running{node=\"http://b:2\"} 4\n",
+            "myriad_gateway_node_kv_blocks_free{node=\"http://b:2\"} 60\n",
+            "myriad_gateway_direct_requests_total 1\n",
+            "myriad_gateway_disaggregated_requests_total 2\n",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
+        // Node a has never reported: no load samples rather than made-up zeros.
+        assert!(
+            !text.contains("node_running{node=\"http://a:1\"}"),
+            "{text}"
+        );
     }
 }

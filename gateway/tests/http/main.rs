@@ -1,7 +1,10 @@
 //! The HTTP API end to end: a real server on 127.0.0.1 with the fixture tokenizer and chat
-//! template, a fake engine behind `Generate`, and raw HTTP/1.1 over TCP.
+//! template, a fake engine behind `Generate`, and raw HTTP/1.1 over TCP; `load` covers what a
+//! node tells the proxy, `proxy` the proxy in front of such nodes.
 #![allow(clippy::unwrap_used)]
 
+mod load;
+mod proxy;
 mod support;
 
 use std::sync::atomic::Ordering;

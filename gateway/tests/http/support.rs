@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use myriad_engine_api::{
-    Event, FinishReason, Generate, PositionLogprobs, Request, SchedulerStats, Submission,
-    SubmitError, TokenLogprob,
+    Event, FinishReason, Generate, PositionLogprobs, Request, SchedulerStats, ServePath,
+    Submission, SubmitError, TokenLogprob,
 };
 use myriad_gateway::{ChatTemplate, GatewayConfig, GatewayState, Tokenizer, router, serve};
 use serde_json::Value;
@@ -33,6 +33,8 @@ pub fn tokenizer() -> Tokenizer {
 
 /// What the fake generates for a request: its tokens (ending with EOS or not).
 pub type Script = Arc<dyn Fn(&Request) -> Vec<u32> + Send + Sync>;
+/// How the fake says it serves a request.
+pub type PathRule = Arc<dyn Fn(&Request) -> ServePath + Send + Sync>;
 
 /// A deterministic engine: each submission plays its script's tokens (one per `delay`),
 /// honouring `max_tokens`, EOS / `stop_token_ids`, `logprobs` and `echo`.
@@ -42,6 +44,9 @@ pub struct FakeEngine {
     pub forever: std::sync::atomic::AtomicBool,
     delay: Mutex<Duration>,
     refuse: Mutex<Option<SubmitError>>,
+    /// Reported by `stats` instead of the fake's own counts, when set.
+    stats: Mutex<Option<SchedulerStats>>,
+    path: Mutex<PathRule>,
     pub context: usize,
     pub submitted: Mutex<Vec<Request>>,
     /// Submissions whose receiver was dropped before they finished.
@@ -57,6 +62,8 @@ impl FakeEngine {
             forever: false.into(),
             delay: Mutex::new(Duration::ZERO),
             refuse: Mutex::new(None),
+            stats: Mutex::new(None),
+            path: Mutex::new(Arc::new(|_: &Request| ServePath::Direct)),
             context,
             submitted: Mutex::new(Vec::new()),
             cancelled: Arc::default(),
@@ -86,6 +93,14 @@ impl FakeEngine {
         *self.refuse.lock().unwrap() = e;
     }
 
+    pub fn set_stats(&self, stats: Option<SchedulerStats>) {
+        *self.stats.lock().unwrap() = stats;
+    }
+
+    pub fn set_path(&self, rule: impl Fn(&Request) -> ServePath + Send + Sync + 'static) {
+        *self.path.lock().unwrap() = Arc::new(rule);
+    }
+
     pub fn requests(&self) -> Vec<Request> {
         self.submitted.lock().unwrap().clone()
     }
@@ -113,6 +128,7 @@ impl Generate for FakeEngine {
         self.submitted.lock().unwrap().push(request.clone());
         let script = self.script.lock().unwrap().clone();
         let tokens = script(&request);
+        let path = (self.path.lock().unwrap().clone())(&request);
         let delay = *self.delay.lock().unwrap();
         let forever = self.forever.load(Ordering::SeqCst);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -127,10 +143,17 @@ impl Generate for FakeEngine {
                 Outcome::Cancelled => cancelled.fetch_add(1, Ordering::SeqCst),
             };
         });
-        Ok(Submission { id: 0, events: rx })
+        Ok(Submission {
+            id: 0,
+            events: rx,
+            path,
+        })
     }
 
     fn stats(&self) -> SchedulerStats {
+        if let Some(stats) = self.stats.lock().unwrap().clone() {
+            return stats;
+        }
         SchedulerStats {
             running: self.running.load(Ordering::SeqCst),
             waiting: 0,

@@ -79,6 +79,71 @@ multiversion! {
     }
 }
 
+/// `Σ a[i]·b[i]` for attention scores: two 8-wide accumulators, summed in a fixed order.
+/// On x86-64 with AVX2 it is written with intrinsics: LLVM vectorises a generic dot only two
+/// lanes wide inside the decode loop (its cost model pairs up keys instead), which made decode
+/// attention at long contexts compute-bound at a fraction of the memory roofline.
+#[inline(always)]
+fn score_dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: `Isa::Avx2` and above are handed out only after runtime detection of AVX2
+        // and FMA (`Isa::detect`); both slices hold at least `n` elements.
+        return unsafe { dot_avx2(&a[..n], &b[..n]) };
+    }
+    let _ = isa;
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 16];
+    let mut i = 0;
+    while i + 16 <= n {
+        for l in 0..16 {
+            acc[l] = a[i + l].mul_add(b[i + l], acc[l]);
+        }
+        i += 16;
+    }
+    let mut t = [0f32; 8];
+    for l in 0..8 {
+        t[l] = acc[l] + acc[8 + l];
+    }
+    let mut s = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+    for j in i..n {
+        s = a[j].mul_add(b[j], s);
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n, the length of both slices.
+        unsafe {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                acc1,
+            );
+        }
+        i += 16;
+    }
+    let mut t = [0f32; 8];
+    // SAFETY: `t` holds 8 floats.
+    unsafe { _mm256_storeu_ps(t.as_mut_ptr(), _mm256_add_ps(acc0, acc1)) };
+    let mut s = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+    for j in i..n {
+        s = a[j].mul_add(b[j], s);
+    }
+    s
+}
+
 #[inline(always)]
 fn norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let inv = 1.0 / (vmath::sum_squares(x) / x.len() as f32 + eps).sqrt();
@@ -88,46 +153,71 @@ fn norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 multiversion! {
-    /// One query row of one head against keys `k0..k1` of kv head `g`: writes the
-    /// unnormalised `Σ exp(s_j − m) v_j` into `acc` and returns `(m, Σ exp(s_j − m))`.
+    /// One query row of every head (`q` is `[num_heads, hd]`) against keys `k0..k1`, block
+    /// by block: each block is read once for all heads (its kv heads in turn, each for the
+    /// query heads of its GQA group), so the KV streams through the cache once. For head `h`,
+    /// writes `[Σ exp(s_j − m) v_j (hd) | m | Σ exp(s_j − m)]` into `out[h·(hd+2) ..]`.
     fn attend_partial(
+        isa: Isa,
         q: &[f32],
+        hd: usize,
         cache: &CpuKvCache,
-        g: usize,
         k0: usize,
         k1: usize,
         scale: f32,
-        acc: &mut [f32],
-    ) -> (f32, f32) {
-        let hd = q.len();
+        out: &mut [f32],
+    ) {
+        let heads = q.len() / hd;
+        let nkv = cache.dims.num_kv_heads;
+        let group = heads / nkv;
+        let n = k1 - k0;
         let bt = cache.block_tokens();
-        let mut scores = vec![0f32; k1 - k0];
+        let mut scores = vec![0f32; heads * n];
         let mut scratch = Vec::new();
         let mut t = k0;
         while t < k1 {
             let (b, from) = (t / bt, t % bt);
             let to = bt.min(from + (k1 - t));
-            let (rows, stride, off) = cache.head_rows(b, Half::Keys, g, from, to, &mut scratch);
-            for (j, s) in scores[t - k0..t - k0 + (to - from)].iter_mut().enumerate() {
-                *s = vmath::dot(q, &rows[j * stride + off..j * stride + off + hd]) * scale;
+            for g in 0..nkv {
+                let (rows, stride, off) =
+                    cache.head_rows(b, Half::Keys, g, from, to, &mut scratch);
+                // Heads outer: the block's keys stay in L1 across the group's heads.
+                for h in g * group..(g + 1) * group {
+                    let qh = &q[h * hd..(h + 1) * hd];
+                    let dst = &mut scores[h * n + t - k0..h * n + t - k0 + (to - from)];
+                    for (j, sc) in dst.iter_mut().enumerate() {
+                        let key = &rows[j * stride + off..j * stride + off + hd];
+                        *sc = score_dot(isa, qh, key) * scale;
+                    }
+                }
             }
             t += to - from;
         }
-        let m = vmath::max(&scores);
-        for s in scores.iter_mut() {
-            *s = vmath::exp(*s - m);
+        let w = hd + 2;
+        for h in 0..heads {
+            let s = &mut scores[h * n..(h + 1) * n];
+            let m = vmath::max(s);
+            for v in s.iter_mut() {
+                *v = vmath::exp(*v - m);
+            }
+            out[h * w + hd] = m;
+            out[h * w + hd + 1] = vmath::sum(s);
+            out[h * w..h * w + hd].fill(0.0);
         }
-        let l = vmath::sum(&scores);
-        acc.fill(0.0);
         let mut t = k0;
         while t < k1 {
             let (b, from) = (t / bt, t % bt);
             let to = bt.min(from + (k1 - t));
-            let (rows, stride, off) = cache.head_rows(b, Half::Values, g, from, to, &mut scratch);
-            vmath::accumulate_rows(acc, &scores[t - k0..t - k0 + (to - from)], &rows[off..], stride);
+            for g in 0..nkv {
+                let (rows, stride, off) =
+                    cache.head_rows(b, Half::Values, g, from, to, &mut scratch);
+                for h in g * group..(g + 1) * group {
+                    let c = &scores[h * n + t - k0..h * n + t - k0 + (to - from)];
+                    vmath::accumulate_rows(&mut out[h * w..h * w + hd], c, &rows[off..], stride);
+                }
+            }
             t += to - from;
         }
-        (m, l)
     }
 }
 
@@ -271,55 +361,59 @@ pub fn gated_attention(
     let caches: Vec<&CpuKvCache> = caches.iter().map(|c| &**c).collect();
     let scale = 1.0 / (hd as f32).sqrt();
 
-    // Direct spans (decode): one task per (span, head, query row, chunk of keys); each
-    // writes its softmax statistics and unnormalised sum, then one task per (span, head, row)
-    // merges its chunks in order.
-    let mut items: Vec<(usize, usize, usize, usize, usize)> = Vec::new();
-    let mut groups: Vec<(usize, usize, usize, usize)> = Vec::new();
+    // Direct spans (decode): one task per (span, query row, chunk of keys) for every head
+    // (the chunk's keys and values are read once, not once per head); each writes its
+    // softmax statistics and unnormalised sums, then one task per (span, row, head) merges
+    // its chunks in order.
+    let mut items: Vec<(usize, usize, usize, usize)> = Vec::new();
+    // (span, row, first item, items)
+    let mut rows_of: Vec<(usize, usize, usize, usize)> = Vec::new();
     for (si, s) in spans.iter().enumerate() {
         if s.len > DIRECT_MAX {
             continue;
         }
-        for h in 0..nh {
-            for i in 0..s.len {
-                let n = s.past + i + 1;
-                groups.push((si, h, i, items.len()));
-                for k0 in (0..n).step_by(KV_SPLIT) {
-                    items.push((si, h, i, k0, (k0 + KV_SPLIT).min(n)));
-                }
+        for i in 0..s.len {
+            let n = s.past + i + 1;
+            let first = items.len();
+            for k0 in (0..n).step_by(KV_SPLIT) {
+                items.push((si, i, k0, (k0 + KV_SPLIT).min(n)));
             }
+            rows_of.push((si, i, first, items.len() - first));
         }
     }
-    let stride = hd + 2;
-    let mut partials = vec![0f32; items.len() * stride];
+    let w = hd + 2;
+    let per_item = nh * w;
+    let mut partials = vec![0f32; items.len() * per_item];
     {
         let parts = SharedMut::new(&mut partials);
         pool.for_each(items.len(), |t| {
-            let (si, h, i, k0, k1) = items[t];
+            let (si, i, k0, k1) = items[t];
             let row = spans[si].start + i;
             // SAFETY: one region per item.
-            let p = unsafe { parts.slice(t * stride, stride) };
-            let (acc, ml) = p.split_at_mut(hd);
-            let (m, l) = attend_partial(
+            let p = unsafe { parts.slice(t * per_item, per_item) };
+            attend_partial(
                 isa,
-                &q[(row * nh + h) * hd..(row * nh + h + 1) * hd],
+                isa,
+                &q[row * nh * hd..(row + 1) * nh * hd],
+                hd,
                 caches[si],
-                h / group,
                 k0,
                 k1,
                 scale,
-                acc,
+                p,
             );
-            ml[0] = m;
-            ml[1] = l;
         });
     }
-    pool.for_each(groups.len(), |t| {
-        let (si, h, i, first) = groups[t];
-        let end = groups.get(t + 1).map_or(items.len(), |g| g.3);
+    pool.for_each(rows_of.len() * nh, |t| {
+        let (si, i, first, count) = rows_of[t / nh];
+        let h = t % nh;
         let row = spans[si].start + i;
         let mut o = vec![0f32; hd];
-        let l = merge_partials(&partials[first * stride..end * stride], hd, &mut o);
+        let chunks = (first..first + count).map(|it| {
+            let at = it * per_item + h * w;
+            &partials[at..at + w]
+        });
+        let l = merge_partials(chunks, hd, &mut o);
         let inv = 1.0 / l;
         let gate = &proj[row * pw + h * 2 * hd + hd..row * pw + h * 2 * hd + 2 * hd];
         for (ov, gv) in o.iter_mut().zip(gate) {
@@ -451,18 +545,20 @@ pub fn gated_attention(
 /// Merges the partial results of one query's key chunks (each `[acc (hd) | m | l]`, in key
 /// order) into `out` and returns the merged softmax denominator. One chunk is taken as it is,
 /// so a short cache gives exactly the unsplit result.
-fn merge_partials(parts: &[f32], hd: usize, out: &mut [f32]) -> f32 {
-    let stride = hd + 2;
-    if parts.len() == stride {
-        out.copy_from_slice(&parts[..hd]);
-        return parts[hd + 1];
+fn merge_partials<'a>(
+    parts: impl ExactSizeIterator<Item = &'a [f32]> + Clone,
+    hd: usize,
+    out: &mut [f32],
+) -> f32 {
+    if parts.len() == 1 {
+        let p = parts.clone().next().unwrap_or(&[]);
+        out.copy_from_slice(&p[..hd]);
+        return p[hd + 1];
     }
-    let m = parts
-        .chunks_exact(stride)
-        .fold(f32::NEG_INFINITY, |m, p| m.max(p[hd]));
+    let m = parts.clone().fold(f32::NEG_INFINITY, |m, p| m.max(p[hd]));
     let mut l = 0.0;
     out.fill(0.0);
-    for p in parts.chunks_exact(stride) {
+    for p in parts {
         let w = (p[hd] - m).exp();
         l += p[hd + 1] * w;
         for (o, a) in out.iter_mut().zip(&p[..hd]) {
