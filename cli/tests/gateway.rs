@@ -218,7 +218,13 @@ fn refusing_node() -> String {
             let (status, body) = if first.starts_with("GET /health ") {
                 ("200 OK", String::new())
             } else if first.starts_with("GET /internal/load ") {
-                ("404 Not Found", String::new())
+                // More free KV blocks than any real node: the proxy tries it first.
+                (
+                    "200 OK",
+                    json!({"role": "mixed", "running": 0, "waiting": 0, "kv_blocks_used": 0,
+                        "kv_blocks_total": 1_000_000_000u64, "preemptions": 0})
+                    .to_string(),
+                )
             } else {
                 (
                     "503 Service Unavailable",
@@ -464,14 +470,24 @@ fn the_gateway_fronts_attention_nodes() {
         NODE_KEY,
     ]);
     let g2 = gw2.ready();
+    // Once the proxy has both nodes' load reports, the refusing one (most free blocks) is
+    // always tried first.
+    eventually(Duration::from_secs(10), "both load reports", || {
+        let m = metrics(&g2);
+        [&refusing, &b_url].iter().all(|n| {
+            m.contains(&format!(
+                "myriad_gateway_node_kv_blocks_free{{node=\"{n}\"}}"
+            ))
+        })
+    });
     for _ in 0..2 {
         let r = http(&g2, "POST", "/v1/completions", None, Some(&completion));
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(answer(&r.json()), expected);
     }
     let m2 = metrics(&g2);
-    // Round robin sends one of the two to the refusing node first.
-    assert!(sample(&m2, "myriad_proxy_retries_total") >= 1.0, "{m2}");
+    // Both went to the refusing node first and were retried on the other.
+    assert!(sample(&m2, "myriad_proxy_retries_total") >= 2.0, "{m2}");
     let refused = sample(
         &m2,
         &format!("myriad_proxy_upstream_requests_total{{node=\"{refusing}\",status=\"503\"}}"),
