@@ -40,10 +40,20 @@ fn fixture_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-/// `myriad launch --http 127.0.0.1:0` with the given roles; returns it and the gateway URL.
+/// `myriad launch --http 127.0.0.1:0` with one prefill node; returns it and the gateway URL.
 fn launch(model: &Path, expert_nodes: usize, extra: &[&str]) -> (Proc, String) {
+    launch_with(model, expert_nodes, 1, extra)
+}
+
+fn launch_with(
+    model: &Path,
+    expert_nodes: usize,
+    prefill_nodes: usize,
+    extra: &[&str],
+) -> (Proc, String) {
     let model = model.display().to_string();
     let experts = expert_nodes.to_string();
+    let prefill = prefill_nodes.to_string();
     let mut args = vec![
         "launch",
         "--model",
@@ -51,7 +61,7 @@ fn launch(model: &Path, expert_nodes: usize, extra: &[&str]) -> (Proc, String) {
         "--expert-nodes",
         &experts,
         "--prefill-nodes",
-        "1",
+        &prefill,
         "--decode-nodes",
         "1",
         "--http",
@@ -208,6 +218,23 @@ fn a_32k_token_prompt_goes_through_the_prefill_node() {
     assert_eq!(usage["prompt_tokens"], n);
     assert_eq!(usage["completion_tokens"], 3);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Without prefill nodes the nodes behind the gateway are mixed and serve every request
+/// directly.
+#[test]
+fn without_prefill_nodes_every_request_is_direct() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/qwen3_5_moe-tiny");
+    let (_cluster, url) = launch_with(&dir, 0, 0, &[]);
+    let body = json!({"model": "qwen3_5_moe-tiny", "prompt": [1, 2, 3, 4], "max_tokens": 2});
+    let r = http(&url, "POST", "/v1/completions", Some(&body));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-myriad-path"), Some("direct"));
+    assert_eq!(http(&url, "GET", "/health", None).status, 200);
+    assert_eq!(
+        sample(&metrics(&url), "myriad_gateway_direct_requests_total"),
+        1.0
+    );
 }
 
 fn tempdir(what: &str) -> PathBuf {

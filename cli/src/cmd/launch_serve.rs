@@ -1,7 +1,8 @@
 //! `myriad launch --http HOST:PORT`: a whole serving cluster on this machine, every role its
 //! own process: expert nodes (if `--expert-nodes` > 0; otherwise each attention node runs
 //! every expert itself), prefill nodes, decode nodes that hand long prompts to the prefill
-//! nodes, and the gateway in front of the decode nodes on `--http`. Prints `ready
+//! nodes (mixed nodes when there are no prefill nodes), and the gateway in front of them on
+//! `--http`. Prints `ready
 //! http://ADDR` once the gateway's `/health` is 200 (every decode node up), then waits for
 //! SIGINT/SIGTERM; every process is stopped when it ends or fails.
 
@@ -195,7 +196,12 @@ pub fn run(a: &LaunchArgs, exe: &Path, dir: &Path, http: &str) -> Result<()> {
     }
     let mut decode_urls = Vec::new();
     for i in 0..a.decode_nodes {
-        let mut args = runtime("decode");
+        // Without prefill nodes the nodes behind the gateway prefill and decode: mixed.
+        let mut args = runtime(if prefill_urls.is_empty() {
+            "mixed"
+        } else {
+            "decode"
+        });
         if !prefill_urls.is_empty() {
             args.extend(["--prefill-nodes".into(), prefill_urls.join(",")]);
             args.extend([
