@@ -11,182 +11,28 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 mod common;
+#[path = "common/nodes.rs"]
+mod nodes;
+
+use nodes::{Proc, Reply, eventually, metrics, sample};
 
 const GATEWAY_KEY: &str = "gw-key";
 const NODE_KEY: &str = "node-key";
 const MODEL: &str = "qwen3_5_moe-tiny";
 
-/// A child process, killed however the test ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        Proc(
-            Command::new(env!("CARGO_BIN_EXE_myriad"))
-                .args(args)
-                .env_remove("MYRIAD_API_KEY")
-                .env_remove("MYRIAD_UPSTREAM_API_KEY")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    /// The URL of its `ready http://ADDR` line.
-    fn ready(&mut self) -> String {
-        let mut line = String::new();
-        BufReader::new(self.0.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        line.trim()
-            .strip_prefix("ready ")
-            .unwrap_or_else(|| panic!("expected a ready line, got {line:?}"))
-            .to_string()
-    }
-
-    fn kill(&mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
-    }
-
-    /// The `data:` payloads of an SSE body.
-    fn events(&self) -> Vec<String> {
-        self.body
-            .split("\n\n")
-            .filter_map(|e| e.trim().strip_prefix("data: "))
-            .map(String::from)
-            .collect()
-    }
-}
-
 /// Writes one request (`Connection: close`) on a new connection.
 fn send(url: &str, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> TcpStream {
-    let addr = url.strip_prefix("http://").unwrap();
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(k) = key {
-        head.push_str(&format!("Authorization: Bearer {k}\r\n"));
-    }
-    let body = body.map(Value::to_string).unwrap_or_default();
-    if method == "POST" {
-        head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body.as_bytes()).unwrap();
-    s
+    nodes::send_as(url, method, path, key, body, Duration::from_secs(60))
 }
 
 /// One whole exchange.
 fn http(url: &str, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> Reply {
-    let mut s = send(url, method, path, key, body);
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .map(|l| {
-            let (n, v) = l.split_once(':').unwrap();
-            (n.trim().to_string(), v.trim().to_string())
-        })
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    if headers
-        .iter()
-        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"))
-    {
-        body = dechunk(&body);
-    }
-    Reply {
-        status,
-        headers,
-        body: String::from_utf8(body).unwrap(),
-    }
-}
-
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let eol = raw.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&raw[..eol]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
-        raw = &raw[eol + 2 + size + 2..];
-    }
-}
-
-/// The value of the sample `name{labels}` in a metrics text (0 when absent).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
-}
-
-fn metrics(url: &str) -> String {
-    let r = http(url, "GET", "/metrics", None, None);
-    assert_eq!(r.status, 200);
-    r.body
-}
-
-/// Polls `f` until it holds, for at most `limit`.
-fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    nodes::http_as(url, method, path, key, body)
 }
 
 /// A node that is up (`/health` 200) but refuses every request with a 503, as a node whose

@@ -119,11 +119,27 @@ pub fn send_with_timeout(
     body: Option<&Value>,
     timeout: Duration,
 ) -> TcpStream {
+    send_as(url, method, path, None, body, timeout)
+}
+
+/// Writes one request (`Connection: close`) on a new connection, with `Authorization: Bearer
+/// KEY` when `key` is given; its reads wait up to `timeout`.
+pub fn send_as(
+    url: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> TcpStream {
     let addr = url.strip_prefix("http://").unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(timeout)).unwrap();
     let body = body.map(Value::to_string).unwrap_or_default();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(k) = key {
+        head.push_str(&format!("Authorization: Bearer {k}\r\n"));
+    }
     if method == "POST" {
         head.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -155,6 +171,24 @@ pub fn http(url: &str, method: &str, path: &str, body: Option<&Value>) -> Reply 
 /// One `POST path` whose answer may take up to `timeout` (a long prefill).
 pub fn http_with_timeout(url: &str, path: &str, body: &Value, timeout: Duration) -> Reply {
     exchange(send_with_timeout(url, "POST", path, Some(body), timeout))
+}
+
+/// One whole exchange as [`http`], with `Authorization: Bearer KEY` when `key` is given.
+pub fn http_as(
+    url: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> Reply {
+    exchange(send_as(
+        url,
+        method,
+        path,
+        key,
+        body,
+        Duration::from_secs(60),
+    ))
 }
 
 /// Reads a whole answer from `s`.
